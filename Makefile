@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the whole test suite).
+# Both work on a fresh machine with only Python: they make a virtual environment in .venv, install
+# torch==2.13.0 when it has none (never a newer torch), the other requirements, and build ctxkern._C.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+CSRC := $(shell find csrc -type f)
+
+.PHONY: demo test bench build deps clean
+
+demo: build
+	$(PY) -m ctxkern info
+	$(PY) -m ctxkern bench --op layer_norm --device cpu --out bench-out
+
+# pytest exits 5 when it collected no test: a run that tests nothing is a failure.
+test: build
+	$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test" >&2; exit 1; fi; exit $$rc
+
+# The pytest-benchmark suites (not part of `make test`).
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+build: $(VENV)/.built
+deps: $(VENV)/.deps
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -r requirements.txt -c $(VENV)/constraints.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build ctxkern/_C*.so *.egg-info bench-out

@@ -1,0 +1,5 @@
+import sys
+
+from ctxkern.cli import main
+
+sys.exit(main())

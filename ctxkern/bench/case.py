@@ -1,0 +1,88 @@
+"""A benchmark case: one op at one shape and dtype, its float64 reference, and the candidates that compete.
+
+Every candidate's result is checked against the reference before it is timed; a wrong one is reported as
+such and not timed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ctxkern.bench.timing import timer_for
+
+# Allowed max |out - ref| / max(1, max |ref|): a sanity bound that catches wrong kernels, not an ulp test
+# (the tests hold the kernels to the tight bounds).
+SANITY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+@dataclass
+class Candidate:
+    backend: str                                  # e.g. "torch eager", "torch.compile", "ctxkern.cpu"
+    fn: Callable[[], object]                      # one run; returns a Tensor or a tuple of Tensors
+    baseline: bool                                # True for PyTorch and peers, False for ctxkern's own kernels
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: torch.dtype
+    bytes_moved: float                            # the fewest bytes the op must read and write
+    flops: Optional[float]                        # useful floating-point operations, None for memory-bound ops
+    reference: Callable[[], Sequence[Tensor]]     # float64 results
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _as_tuple(out) -> tuple[Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype) -> Optional[str]:
+    """None when candidate's result matches the reference, else a description of the mismatch."""
+    outs = _as_tuple(candidate.fn())
+    if len(outs) != len(reference):
+        return f"returned {len(outs)} tensors, expected {len(reference)}"
+    for i, (out, ref) in enumerate(zip(outs, reference)):
+        err = (out.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        if not err <= SANITY_TOLERANCE[dtype]:
+            return f"output {i} off by {err:.3g} (relative to max |ref|)"
+    return None
+
+
+def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
+    timer = timer_for(device)
+    reference = case.reference()
+    rows, eager_ms = [], None
+    for cand in case.candidates:
+        row = {"op": case.op, "backend": cand.backend, "shape": case.shape,
+               "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
+               "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+        try:
+            problem = check(cand, reference, case.dtype)
+        except Exception as err:  # a candidate that cannot run here (compile failure, unsupported shape)
+            problem = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if problem is not None and not cand.baseline:
+            row["error"] = problem
+            rows.append(row)
+            continue
+        if problem is not None:
+            # A peer that is less accurate than the sanity bound is still what users run: timed, and flagged.
+            row["note"] = f"inaccurate: {problem}"
+        ms = timer(cand.fn)
+        if cand.backend == "torch eager":
+            eager_ms = ms
+        row["median_ms"] = ms
+        row["gbps"] = case.bytes_moved / ms / 1e6
+        if case.flops is not None:
+            row["tflops"] = case.flops / ms / 1e9
+        # Memory-bound ops are scaled by the copy bandwidth, compute-bound ones by the matmul rate.
+        row["peak_fraction"] = (row["tflops"] / peaks["bf16_tflops"] if case.flops is not None
+                                else row["gbps"] / peaks["copy_gbps"])
+        rows.append(row)
+    for row in rows:
+        if eager_ms is not None and row["median_ms"]:
+            row["speedup_vs_torch"] = eager_ms / row["median_ms"]
+    return rows

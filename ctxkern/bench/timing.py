@@ -1,0 +1,58 @@
+"""Timers: the median of repeated runs after warm-up; on a GPU with the L2 flushed between runs."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_cpu(fn: Callable[[], object], min_seconds: float = 0.25, warmup: int = 3, min_reps: int = 5) -> float:
+    """Median wall time of fn in ms."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median GPU time of fn in ms, L2 flushed before each run (triton's do_bench when available)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _time_cuda_events(fn, warmup_ms, rep_ms)
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def _time_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    times = []
+    for _ in range(max(5, int(rep_ms / estimate))):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def timer_for(device: str) -> Callable[[Callable[[], object]], float]:
+    return time_cuda if device == "cuda" else time_cpu

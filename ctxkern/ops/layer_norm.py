@@ -1,0 +1,110 @@
+"""ops.layer_norm: y = LayerNorm(x + residual) over the last dim, statistics in fp32.
+
+The cpu and cuda backends are one operator, torch.ops.ctxkern.layer_norm_fwd (schema in csrc/ops.cpp),
+dispatched by device; the triton backend is a custom_op around kernels/layer_norm.py's launchers (a
+custom_op rather than triton_op because triton_op's fake-tensor tracing runs the kernel itself under
+TRITON_INTERPRET, which breaks torch.compile and opcheck on CPU). Both get the same fake kernels and autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ctxkern import _dispatch
+from ctxkern.ops._checks import as_rows, check_float_dtype, check_like, check_shape, check_tensor
+from ctxkern.reference import layer_norm_ref
+
+
+def _fwd_fake(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+def _bwd_fake(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], mean: Tensor,
+              rstd: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), dweight, x.new_empty((x.shape[1] if has_bias else 0,))
+
+
+@torch.library.custom_op("ctxkern::layer_norm_fwd_triton", mutates_args=())
+def _layer_norm_fwd_triton(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ctxkern.kernels.layer_norm import layer_norm_fwd_triton
+
+    return layer_norm_fwd_triton(x, residual, weight, bias, eps)
+
+
+@torch.library.custom_op("ctxkern::layer_norm_bwd_triton", mutates_args=())
+def _layer_norm_bwd_triton(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                           mean: Tensor, rstd: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ctxkern.kernels.layer_norm import layer_norm_bwd_triton
+
+    return layer_norm_bwd_triton(dy, x, residual, weight, mean, rstd, has_bias)
+
+
+def _register(fwd_name: str, bwd_op) -> None:
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, residual, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, residual, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = bwd_op(as_rows(dy, dy.shape[-1]), x, residual, weight, mean, rstd, ctx.has_bias)
+        # y depends on x and residual only through their sum, so both get the same gradient.
+        return (dx, dx if residual is not None else None, dweight if weight is not None else None,
+                dbias if ctx.has_bias else None, None)
+
+    torch.library.register_fake(fwd_name, _fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+_FWD: dict = {"triton": torch.ops.ctxkern.layer_norm_fwd_triton}
+_register("ctxkern::layer_norm_fwd_triton", torch.ops.ctxkern.layer_norm_bwd_triton)
+torch.library.register_fake("ctxkern::layer_norm_bwd_triton", _bwd_fake)
+if _dispatch._C is not None:
+    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.layer_norm_fwd
+    _register("ctxkern::layer_norm_fwd", torch.ops.ctxkern.layer_norm_bwd)
+    torch.library.register_fake("ctxkern::layer_norm_bwd", _bwd_fake)
+
+
+def _check(x, weight, bias, residual) -> None:
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalized last dim); got a 0-d tensor")
+    check_float_dtype(x, "x")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_like(t, x, name)
+            check_shape(t, (n,), name)
+    if residual is not None:
+        check_like(residual, x, "residual")
+        check_shape(residual, tuple(x.shape), "residual")
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """y = LayerNorm(x + residual) over the last dim; weight, bias: (N,) or None; statistics in fp32.
+
+    Differentiable in x, residual, weight and bias. backend: "auto", "torch", "cpu", "cuda" or "triton".
+    """
+    _check(x, weight, bias, residual)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    name = _dispatch.resolve(backend, x.device)
+    if name == "torch" or x.numel() == 0:
+        return layer_norm_ref(x, weight, bias, eps, residual)
+    n = x.shape[-1]
+    y, _mean, _rstd = _FWD[name](
+        as_rows(x, n),
+        None if residual is None else as_rows(residual, n),
+        None if weight is None else weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        float(eps),
+    )
+    return y.view(x.shape)

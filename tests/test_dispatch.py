@@ -1,0 +1,88 @@
+"""Backend choice and degradation: DESIGN.md's dispatch rules."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ctxkern
+from ctxkern import _dispatch, ops
+
+
+def test_backends_reports_every_backend():
+    status = ctxkern.backends()
+    assert set(status) == {"torch", "cpu", "cuda", "triton"}
+    assert status["torch"] == "available"
+    for name, value in status.items():
+        assert value == "available" or value.startswith("unavailable: "), (name, value)
+
+
+def test_auto_picks_the_compiled_cpu_backend_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("CTXKERN_BACKEND", raising=False)
+    assert _dispatch.resolve("auto", torch.device("cpu")) == "cpu"
+
+
+def test_ctxkern_backend_overrides_auto(monkeypatch):
+    monkeypatch.setenv("CTXKERN_BACKEND", "torch")
+    assert _dispatch.resolve("auto", torch.device("cpu")) == "torch"
+    assert _dispatch.resolve("cpu", torch.device("cpu")) == "cpu"  # an explicit choice wins over the variable
+    monkeypatch.setenv("CTXKERN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="CTXKERN_BACKEND must be one of"):
+        ops.layer_norm(torch.randn(2, 4))
+
+
+def test_backend_that_cannot_run_on_the_device_says_so():
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run on a tensor on meta"):
+        _dispatch.resolve("cpu", torch.device("meta"))
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300)
+
+
+BLOCK_IMPORT = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in {blocked!r}:
+            raise ImportError("blocked for the test: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_import_without_the_extension_warns_once_and_torch_serves():
+    proc = _run_python(BLOCK_IMPORT.format(blocked={"ctxkern._C"}) + """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import ctxkern
+    import ctxkern.ops, ctxkern.nn
+from ctxkern import ops
+print(len([w for w in caught if "ctxkern._C is not built" in str(w.message)]))
+print(ctxkern.backends()["cpu"])
+x = torch.randn(3, 8)
+print(float((ops.layer_norm(x) - torch.nn.functional.layer_norm(x, (8,))).abs().max()))
+try:
+    ops.layer_norm(x, backend="cpu")
+except RuntimeError as err:
+    print(err)
+""")
+    assert proc.returncode == 0, proc.stderr
+    count, cpu_status, err, refusal = proc.stdout.strip().splitlines()
+    assert count == "1"
+    assert cpu_status.startswith("unavailable: ctxkern._C is not built")
+    assert float(err) < 1e-5
+    assert refusal.startswith("backend 'cpu' unavailable: ctxkern._C is not built")
+
+
+def test_import_without_triton_works():
+    proc = _run_python(BLOCK_IMPORT.format(blocked={"triton"}) + """
+import torch, ctxkern
+from ctxkern import ops
+print(ctxkern.backends()["triton"])
+print(ops.layer_norm(torch.randn(3, 8)).shape)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["unavailable: triton is not installed", "torch.Size([3, 8])"]

@@ -1,0 +1,261 @@
+"""ops.layer_norm and nn.LayerNorm on every backend against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctxkern
+from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, poison, require_backend)
+from ctxkern import ops
+from ctxkern.reference import layer_norm_ref
+
+SIZES = (1, 7, 383, 769, 1023, 4097)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Which optional inputs a call passes: (residual, weight, bias).
+VARIANTS = {"affine": (False, True, True), "residual": (True, True, True), "bare": (False, False, False),
+            "residual-weight-only": (True, True, False)}
+
+
+def make_inputs(m, n, dtype, device, variant, seed=0):
+    has_r, has_w, has_b = VARIANTS[variant]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
+
+    # An offset mean exercises the two-pass variance (a one-pass E[x^2] - E[x]^2 would lose digits here).
+    x = rand(m, n, shift=3.0)
+    return (x, rand(m, n) if has_r else None, rand(n, scale=0.5, shift=1.0) if has_w else None,
+            rand(n, scale=0.5) if has_b else None)
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def torch_low_precision(x, r, w, b, eps=1e-5):
+    """PyTorch's own computation in the storage dtype (the yardstick for fp16/bf16 error)."""
+    return F.layer_norm(x if r is None else x + r, (x.shape[-1],), w, b, eps)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_matches_float64_reference(backend, device, dtype, n, variant):
+    require_backend(backend)
+    x, r, w, b = make_inputs(13, n, dtype, device, variant)
+    poison((13, n), dtype, device)
+    y = ops.layer_norm(x, w, b, 1e-5, residual=r, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    ref = layer_norm_ref(f64(x), f64(w), f64(b), 1e-5, f64(r))
+    assert_close_for_dtype(y, ref, torch_low_precision(x, r, w, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", (1, 7, 769, 4097))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_match_float64_reference(backend, device, dtype, n, variant):
+    require_backend(backend)
+    inputs = [t if t is None else t.requires_grad_() for t in make_inputs(11, n, dtype, device, variant)]
+    x, r, w, b = inputs
+    dy = torch.randn(11, n, dtype=dtype, device=device)
+    poison((11, n), dtype, device)
+    y = ops.layer_norm(x, w, b, 1e-5, residual=r, backend=backend)
+    present = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(y, present, dy)
+
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    xd, rd, wd, bd = ref_inputs
+    ref_grads = torch.autograd.grad(layer_norm_ref(xd, wd, bd, 1e-5, rd), [t for t in ref_inputs if t is not None],
+                                    dy.double())
+    lp_inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    xl, rl, wl, bl = lp_inputs
+    torch_grads = torch.autograd.grad(torch_low_precision(xl, rl, wl, bl), [t for t in lp_inputs if t is not None], dy)
+    for got, ref, theirs in zip(grads, ref_grads, torch_grads):
+        assert got.dtype == dtype
+        assert_close_for_dtype(got, ref, theirs)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_leading_dims_and_strided_views(backend, device):
+    require_backend(backend)
+    n = 383
+    big = torch.randn(4, 5, n + 9, device=device)
+    x = big[..., 3:3 + n]                            # rows of a wider tensor: a strided view, no copy needed
+    r = torch.randn(n, 4, 5, device=device).permute(1, 2, 0)  # last dim not contiguous: the op copies it
+    w, b = torch.randn(n, device=device), torch.randn(n, device=device)
+    y = ops.layer_norm(x, w, b, residual=r, backend=backend)
+    assert y.shape == (4, 5, n)
+    assert_fp32_close(y, layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, r.double()))
+    xt = torch.randn(n, 6, device=device).t()       # (6, n) with stride (1, 6)
+    assert_fp32_close(ops.layer_norm(xt, backend=backend), layer_norm_ref(xt.double()))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_eps_is_used(backend, device):
+    require_backend(backend)
+    x = 1e-2 * torch.randn(9, 64, device=device)
+    for eps in (1e-12, 1e-3, 1.0):
+        assert_fp32_close(ops.layer_norm(x, eps=eps, backend=backend), layer_norm_ref(x.double(), eps=eps))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16), (3, 0)], ids=str)
+def test_empty_input_gives_empty_output(backend, device, shape):
+    require_backend(backend)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.randn(shape[-1], device=device, requires_grad=True)
+    y = ops.layer_norm(x, w, residual=torch.randn(shape, device=device), backend=backend)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape and w.grad.shape == (shape[-1],)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_many_rows_and_wide_rows(backend, device):
+    """More rows than any grid/thread split, and a row wider than one warp's or program's first choice."""
+    require_backend(backend)
+    m = 4099 if backend != "triton" or device == "cuda" else 67  # the interpreter is slow
+    for n in (64, 8192):
+        x = torch.randn(m if n == 64 else 5, n, device=device, requires_grad=True)
+        w = torch.randn(n, device=device, requires_grad=True)
+        y = ops.layer_norm(x, w, backend=backend)
+        dy = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = layer_norm_ref(xd, wd)
+        rdx, rdw = torch.autograd.grad(ref, (xd, wd), dy.double())
+        assert_fp32_close(y, ref)
+        assert_fp32_close(dx, rdx)
+        assert_fp32_close(dw, rdw)
+
+
+# ----------------------------------------------------------------------------- operators and compile
+
+def _op_pairs():
+    pairs = [("triton", torch.ops.ctxkern.layer_norm_fwd_triton, torch.ops.ctxkern.layer_norm_bwd_triton)]
+    if ctxkern.backends()["cpu"] == "available":
+        pairs.append(("cpu", torch.ops.ctxkern.layer_norm_fwd, torch.ops.ctxkern.layer_norm_bwd))
+    return pairs
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    require_backend(backend)
+    fwd, bwd = {name: (f, b) for name, f, b in _op_pairs()}[backend]
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(5, 37, torch.float32, "cpu", "residual"))
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5))
+    torch.library.opcheck(fwd, (x, None, None, None, 1e-5))
+    y, mean, rstd = fwd(x, r, w, b, 1e-5)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), True))
+    torch.library.opcheck(bwd, (dy, x.detach(), None, None, mean.detach(), rstd.detach(), False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    require_backend(backend)
+    torch._dynamo.reset()
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(6, 96, torch.float32, "cpu", "residual"))
+
+    @torch.compile(fullgraph=True)
+    def block(x, r, w, b):
+        return ops.layer_norm(x * 2, w, b, residual=r, backend=backend).relu()
+
+    y = block(x, r, w, b)
+    grads = torch.autograd.grad(y.square().sum(), (x, r, w, b))
+    xd, rd, wd, bd = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref = layer_norm_ref(xd * 2, wd, bd, 1e-5, rd).relu()
+    ref_grads = torch.autograd.grad(ref.square().sum(), (xd, rd, wd, bd))
+    assert_fp32_close(y, ref)
+    for got, want in zip(grads, ref_grads):
+        assert_fp32_close(got, want, rel=2e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight=torch.randn(5)), "weight must have shape"),
+    (dict(bias=torch.randn(8, dtype=torch.float64)), "bias must have x's dtype"),
+    (dict(weight=torch.randn(8, device="meta")), "weight must be on x's device"),
+    (dict(residual=torch.randn(4, 9)), "residual must have shape"),
+    (dict(residual=torch.randn(4, 8).half()), "residual must have x's dtype"),
+    (dict(eps=-1.0), "eps must be >= 0"),
+    (dict(backend="fast"), "backend must be one of"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ops.layer_norm(torch.randn(4, 8), **kwargs)
+
+
+def test_bad_x():
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        ops.layer_norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x must be one of"):
+        ops.layer_norm(torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.layer_norm([1.0, 2.0])
+
+
+def test_unavailable_backend_says_why():
+    if ctxkern.backends()["cuda"] == "available":
+        pytest.skip("cuda is available here")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' unavailable: "):
+        ops.layer_norm(torch.randn(4, 8), backend="cuda")
+
+
+def test_compiled_operator_rejects_bad_input_without_crashing():
+    require_backend("cpu")
+    fwd, bwd = torch.ops.ctxkern.layer_norm_fwd, torch.ops.ctxkern.layer_norm_bwd
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        fwd(x, None, torch.randn(5), None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        fwd(torch.randn(2, 4, 8), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        fwd(x.double(), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        fwd(x, torch.randn(3, 8), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must have a contiguous last dim"):
+        fwd(torch.randn(8, 4).t(), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="mean must be"):
+        bwd(x, x, None, None, torch.zeros(3), torch.zeros(4), False)
+
+
+# ----------------------------------------------------------------------------- nn.LayerNorm
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape,kwargs", [
+    ((768,), {}), ((4, 6), {}), ((33,), dict(elementwise_affine=False)), ((33,), dict(bias=False)),
+    ((17,), dict(eps=1e-3)),
+], ids=str)
+def test_nn_layer_norm_is_a_drop_in(backend, device, shape, kwargs):
+    require_backend(backend)
+    theirs = torch.nn.LayerNorm(shape, device=device, **kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = ctxkern.nn.LayerNorm(shape, device=device, backend=backend, **kwargs)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, *shape, device=device, requires_grad=True)
+    y = ours(x)
+    assert_fp32_close(y, theirs.double()(x.double()))
+    dy = torch.randn_like(y)
+    ours_grads = torch.autograd.grad(y, (x, *ours.parameters()), dy)
+    theirs_grads = torch.autograd.grad(theirs.float()(x), (x, *theirs.parameters()), dy)
+    for got, want in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_nn_layer_norm_residual_and_bad_shape():
+    ln = ctxkern.nn.LayerNorm(16)
+    x, r = torch.randn(2, 16), torch.randn(2, 16)
+    assert_fp32_close(ln(x, r), layer_norm_ref(x.double(), ln.weight.double(), ln.bias.double(), 1e-5, r.double()))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        ln(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ctxkern.nn.LayerNorm(16, backend="gpu")
