@@ -32,7 +32,9 @@ def build_cuda() -> bool:
 
 
 def cpu_flags() -> list[str]:
-    flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is inline OpenMP in the headers; without it the loops run on one thread.
+    # The extension then shares torch's libgomp (same soname, already loaded), so torch.set_num_threads governs.
+    flags = ["-O3", "-std=c++17", "-fopenmp"]
     # ATen's Vectorized<float> is 256-bit only when CPU_CAPABILITY_AVX2 is defined; ctxkern/_dispatch.py
     # refuses to load the extension on an x86 CPU without AVX2, so this never meets an illegal instruction.
     if platform.machine() in ("x86_64", "AMD64"):
@@ -51,9 +53,9 @@ if with_cuda:
     ]
     extra["cxx"].append("-DCTXKERN_WITH_CUDA")
     extra["nvcc"].append("-DCTXKERN_WITH_CUDA")
-    ext = CUDAExtension("ctxkern._C", sources, extra_compile_args=extra)
+    ext = CUDAExtension("ctxkern._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 else:
-    ext = CppExtension("ctxkern._C", sources, extra_compile_args=extra)
+    ext = CppExtension("ctxkern._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 setup(
     packages=["ctxkern", "ctxkern.ops", "ctxkern.bench", "ctxkern.kernels"],

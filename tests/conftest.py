@@ -1,4 +1,5 @@
 """Shared test set-up: Triton's interpreter on CPU-only machines, backend parameters, tolerances, poisoning."""
+import math
 import os
 
 import torch
@@ -60,8 +61,18 @@ def assert_low_precision_close(out: torch.Tensor, ref: torch.Tensor, torch_out: 
     assert err <= 2 * torch_err + atol, f"max error {err:.3g} > 2 * torch's {torch_err:.3g} + {atol:g}"
 
 
-def assert_close_for_dtype(out, ref, torch_out) -> None:
+def interpreter_rounding_slack(backend: str, device: str, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Triton's CPU interpreter converts fp32 to bf16 by truncation, not round-to-nearest as compiled Triton
+    and PyTorch do (checked: 1.0041 becomes 1.0, not 1.0078125), so an interpreted bf16 result may sit one
+    bf16 step further from the reference. That step at the output's magnitude is allowed there, and only there."""
+    if backend != "triton" or device != "cpu" or dtype != torch.bfloat16 or ref.numel() == 0:
+        return 0.0
+    top = ref.abs().max().item()
+    return 2.0 ** (math.floor(math.log2(top)) - 7) if top > 0 else 0.0
+
+
+def assert_close_for_dtype(out, ref, torch_out, slack: float = 0.0) -> None:
     if out.dtype == torch.float32:
         assert_fp32_close(out, ref)
     else:
-        assert_low_precision_close(out, ref, torch_out)
+        assert_low_precision_close(out, ref, torch_out, atol=1e-5 + slack)

@@ -1,8 +1,8 @@
 // LayerNorm of (x + residual) over the last dim, forward and backward, on the CPU.
 //
 // Work split: at::parallel_for over rows; one thread owns whole rows. A row (N <= a few thousand floats)
-// fits in L1, so each row is read from memory once into a float scratch row (x + residual, converted from
-// fp16/bf16), and the statistics and the output are then computed from that scratch in cache. Mean and
+// fits in L1, so each row is read from memory once (into a float scratch row holding x + residual in fp32,
+// or in place for fp32 without residual), and the statistics and the output then come from cache. Mean and
 // variance take two passes over the scratch (not E[x^2] - E[x]^2) for accuracy at no memory cost.
 // The backward reduces dweight/dbias per fixed chunk of rows into fp32 partials, then sums the partials:
 // deterministic whatever the thread schedule, and no atomics.
@@ -23,20 +23,21 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 
-// out[j] = x[j] (+ r[j]) in fp32.
+// out[j] = x[j] (+ r[j]) in fp32 (out may be null: only the sum is wanted); returns the sum, so the mean
+// costs no extra pass.
 template <typename T>
-void load_row(const T* x, const T* r, float* out, int64_t n) {
+float load_row(const T* x, const T* r, float* out, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    int64_t j = 0;
     for (; j + kVec <= n; j += kVec) {
       Vec v = Vec::loadu(x + j);
       if (r) v = v + Vec::loadu(r + j);
-      v.store(out + j);
+      if (out) v.store(out + j);
+      acc = acc + v;
     }
-    for (; j < n; ++j) out[j] = x[j] + (r ? r[j] : 0.f);
   } else {
     using VecT = at::vec::Vectorized<T>;
-    int64_t j = 0;
     for (; j + VecT::size() <= n; j += VecT::size()) {
       auto [a, b] = at::vec::convert_to_float<T>(VecT::loadu(x + j));
       if (r) {
@@ -46,9 +47,16 @@ void load_row(const T* x, const T* r, float* out, int64_t n) {
       }
       a.store(out + j);
       b.store(out + j + kVec);
+      acc = acc + a + b;
     }
-    for (; j < n; ++j) out[j] = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
   }
+  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
+  for (; j < n; ++j) {
+    const float v = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
+    if (out) out[j] = v;
+    sum += v;
+  }
+  return sum;
 }
 
 // out[j] = v[j] rounded to T.
@@ -66,18 +74,31 @@ void store_row(const float* v, T* out, int64_t n) {
   }
 }
 
-float row_sum(const float* v, int64_t n) {
-  // Two accumulators hide the add latency; the tail is added in fp32 too.
-  Vec acc0(0.f), acc1(0.f);
+// y[j] = (s[j] - mean) * rstd * w[j] + b[j], rounded to T; w, b are fp32 or null.
+template <typename T>
+void normalize_row(const float* s, float mean, float rstd, const float* w, const float* b, T* y, int64_t n) {
+  const Vec vmu(mean), vrs(rstd);
+  auto affine = [&](int64_t j) {
+    Vec v = (Vec::loadu(s + j) - vmu) * vrs;
+    if (w) v = v * Vec::loadu(w + j);
+    if (b) v = v + Vec::loadu(b + j);
+    return v;
+  };
   int64_t j = 0;
-  for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    acc0 = acc0 + Vec::loadu(v + j);
-    acc1 = acc1 + Vec::loadu(v + j + kVec);
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kVec <= n; j += kVec) affine(j).store(y + j);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (; j + VecT::size() <= n; j += VecT::size()) {
+      at::vec::convert_from_float<T>(affine(j), affine(j + kVec)).store(y + j);
+    }
   }
-  for (; j + kVec <= n; j += kVec) acc0 = acc0 + Vec::loadu(v + j);
-  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc0 + acc1);
-  for (; j < n; ++j) s += v[j];
-  return s;
+  for (; j < n; ++j) {
+    float v = (s[j] - mean) * rstd;
+    if (w) v *= w[j];
+    if (b) v += b[j];
+    y[j] = static_cast<T>(v);
+  }
 }
 
 float row_centered_sumsq(const float* v, float mean, int64_t n) {
@@ -119,28 +140,17 @@ void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* 
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> s(N);
+    // An fp32 row with no residual is read in place; anything else is staged in fp32 scratch.
+    constexpr bool fp32 = std::is_same_v<T, float>;
     for (int64_t i = begin; i < end; ++i) {
-      load_row<T>(x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr, s.data(), N);
-      const float mu = row_sum(s.data(), N) / N;
-      const float rs = 1.f / std::sqrt(row_centered_sumsq(s.data(), mu, N) / N + static_cast<float>(eps));
+      const T* x_row = x_ptr + i * x_stride;
+      const bool in_place = fp32 && !r_ptr;
+      const float* row = in_place ? reinterpret_cast<const float*>(x_row) : s.data();
+      const float mu = load_row<T>(x_row, r_ptr ? r_ptr + i * r_stride : nullptr, in_place ? nullptr : s.data(), N) / N;
+      const float rs = 1.f / std::sqrt(row_centered_sumsq(row, mu, N) / N + static_cast<float>(eps));
       mean_ptr[i] = mu;
       rstd_ptr[i] = rs;
-      // y = (s - mu) * rs * w + b, written back into the scratch row before the store to T.
-      const Vec vmu(mu), vrs(rs);
-      int64_t j = 0;
-      for (; j + kVec <= N; j += kVec) {
-        Vec v = (Vec::loadu(s.data() + j) - vmu) * vrs;
-        if (w_ptr) v = v * Vec::loadu(w32.data() + j);
-        if (b_ptr) v = v + Vec::loadu(b32.data() + j);
-        v.store(s.data() + j);
-      }
-      for (; j < N; ++j) {
-        float v = (s[j] - mu) * rs;
-        if (w_ptr) v *= w32[j];
-        if (b_ptr) v += b32[j];
-        s[j] = v;
-      }
-      store_row<T>(s.data(), y_ptr + i * N, N);
+      normalize_row<T>(row, mu, rs, w_ptr ? w32.data() : nullptr, b_ptr ? b32.data() : nullptr, y_ptr + i * N, N);
     }
   });
 }
