@@ -9,7 +9,8 @@ from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close
 from ctxkern import ops
 from ctxkern.reference import layer_norm_ref
 
-SIZES = (1, 7, 383, 769, 1023, 4097)
+# Odd and prime widths take the kernels' scalar paths; 768, 1024 and 2048 their 16-byte vector paths.
+SIZES = (1, 7, 383, 768, 769, 1023, 1024, 2048, 4097)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which optional inputs a call passes: (residual, weight, bias).
 VARIANTS = {"affine": (False, True, True), "residual": (True, True, True), "bare": (False, False, False),
@@ -92,6 +93,35 @@ def test_leading_dims_and_strided_views(backend, device):
     assert_fp32_close(y, layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, r.double()))
     xt = torch.randn(n, 6, device=device).t()       # (6, n) with stride (1, 6)
     assert_fp32_close(ops.layer_norm(xt, backend=backend), layer_norm_ref(xt.double()))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_unaligned_view_of_a_vector_width(backend, device, dtype):
+    """A row start that is not 16-byte aligned must not take a vector path that assumes it is."""
+    require_backend(backend)
+    big = torch.randn(9, 770, device=device).to(dtype)
+    x, r = big[:, 1:769], torch.randn(9, 768, device=device).to(dtype)
+    ref = layer_norm_ref(x.double(), None, None, 1e-5, r.double())
+    y = ops.layer_norm(x, residual=r, backend=backend)
+    assert_close_for_dtype(y, ref, torch_low_precision(x, r, None, None),
+                           interpreter_rounding_slack(backend, device, ref, dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("n", (8200, 16385, 20000))
+def test_rows_wider_than_registers(backend, device, n):
+    """Widths past the kernels' register-resident limits (the CUDA kernels switch to re-reading the row)."""
+    require_backend(backend)
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(3, n, torch.float32, device, "residual"))
+    y = ops.layer_norm(x, w, b, residual=r, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, r, w, b), dy)
+    xd, rd, wd, bd = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref = layer_norm_ref(xd, wd, bd, 1e-5, rd)
+    assert_fp32_close(y, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (xd, rd, wd, bd), dy.double())):
+        assert_fp32_close(got, want)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
