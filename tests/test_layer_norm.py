@@ -163,6 +163,27 @@ def test_many_rows_and_wide_rows(backend, device):
         assert_fp32_close(dw, rdw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_cpu_outputs_past_the_cache_size(dtype):
+    """Outputs of 8 MiB and more take the CPU kernel's streaming-store path; it must write every element."""
+    require_backend("cpu")
+    m, n = 5501, 768
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(m, n, dtype, "cpu", "residual"))
+    poison((m, n), dtype, "cpu")
+    y = ops.layer_norm(x, w, b, residual=r, backend="cpu")
+    dy = torch.randn_like(y)
+    poison((m, n), dtype, "cpu")
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    xd, rd, wd, bd = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref = layer_norm_ref(xd, wd, bd, 1e-5, rd)
+    ref_grads = torch.autograd.grad(ref, (xd, wd, bd), dy.double())
+    xl, rl, wl, bl = (t.detach().requires_grad_() for t in (x, r, w, b))
+    theirs = torch_low_precision(xl, rl, wl, bl)
+    assert_close_for_dtype(y, ref, theirs)
+    for got, want, their in zip(grads, ref_grads, torch.autograd.grad(theirs, (xl, wl, bl), dy)):
+        assert_close_for_dtype(got, want, their)
+
+
 # ----------------------------------------------------------------------------- operators and compile
 
 def _op_pairs():

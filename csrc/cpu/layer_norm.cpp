@@ -22,6 +22,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStreamBytes = 8 << 20;
 
 // out[j] = x[j] (+ r[j]) in fp32 (out may be null: only the sum is wanted); returns the sum, so the mean
 // costs no extra pass.
@@ -59,24 +60,43 @@ float load_row(const T* x, const T* r, float* out, int64_t n) {
   return sum;
 }
 
-// out[j] = v[j] rounded to T.
-template <typename T>
-void store_row(const float* v, T* out, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(v, v + n, out);
-  } else {
-    using VecT = at::vec::Vectorized<T>;
-    int64_t j = 0;
-    for (; j + VecT::size() <= n; j += VecT::size()) {
-      at::vec::convert_from_float<T>(Vec::loadu(v + j), Vec::loadu(v + j + kVec)).store(out + j);
+// One 32-byte vector of output to y, with a non-temporal store when `stream`: an output larger than the
+// caches is then written without first being read in (no read-for-ownership), a third less memory traffic.
+template <typename V, typename T>
+inline void store_vec(const V& v, T* y, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(y, v);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(y), v);
     }
-    for (; j < n; ++j) out[j] = static_cast<T>(v[j]);
+    return;
   }
+#endif
+  v.store(y);
 }
 
-// y[j] = (s[j] - mean) * rstd * w[j] + b[j], rounded to T; w, b are fp32 or null.
+// out[j] = v[j] rounded to T; `stream` as for store_vec.
 template <typename T>
-void normalize_row(const float* s, float mean, float rstd, const float* w, const float* b, T* y, int64_t n) {
+void store_row(const float* v, T* out, int64_t n, bool stream = false) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kVec <= n; j += kVec) store_vec(Vec::loadu(v + j), out + j, stream);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (; j + VecT::size() <= n; j += VecT::size()) {
+      store_vec(at::vec::convert_from_float<T>(Vec::loadu(v + j), Vec::loadu(v + j + kVec)), out + j, stream);
+    }
+  }
+  for (; j < n; ++j) out[j] = static_cast<T>(v[j]);
+}
+
+// y[j] = (s[j] - mean) * rstd * w[j] + b[j], rounded to T; w, b are fp32 or null. `stream` requires y to be
+// 32-byte aligned.
+template <typename T>
+void normalize_row(const float* s, float mean, float rstd, const float* w, const float* b, T* y, int64_t n,
+                   bool stream) {
   const Vec vmu(mean), vrs(rstd);
   auto affine = [&](int64_t j) {
     Vec v = (Vec::loadu(s + j) - vmu) * vrs;
@@ -86,11 +106,11 @@ void normalize_row(const float* s, float mean, float rstd, const float* w, const
   };
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) affine(j).store(y + j);
+    for (; j + kVec <= n; j += kVec) store_vec(affine(j), y + j, stream);
   } else {
     using VecT = at::vec::Vectorized<T>;
     for (; j + VecT::size() <= n; j += VecT::size()) {
-      at::vec::convert_from_float<T>(affine(j), affine(j + kVec)).store(y + j);
+      store_vec(at::vec::convert_from_float<T>(affine(j), affine(j + kVec)), y + j, stream);
     }
   }
   for (; j < n; ++j) {
@@ -119,6 +139,19 @@ float row_centered_sumsq(const float* v, float mean, int64_t n) {
   return s;
 }
 
+// Streaming stores pay off only for outputs well past the caches, and need every row 32-byte aligned.
+template <typename T>
+bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
+  return M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && reinterpret_cast<uintptr_t>(out) % 32 == 0 &&
+         (N * sizeof(T)) % 32 == 0;
+}
+
+inline void fence_streaming_stores(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();  // orders the non-temporal stores before the parallel region's end
+#endif
+}
+
 template <typename T>
 void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight, const at::Tensor* bias,
              double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
@@ -137,6 +170,7 @@ void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* 
   if (w_ptr) load_row<T>(w_ptr, nullptr, w32.data(), N);
   if (b_ptr) load_row<T>(b_ptr, nullptr, b32.data(), N);
 
+  const bool stream = use_streaming_stores(y_ptr, M, N);
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> s(N);
@@ -150,8 +184,10 @@ void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* 
       const float rs = 1.f / std::sqrt(row_centered_sumsq(row, mu, N) / N + static_cast<float>(eps));
       mean_ptr[i] = mu;
       rstd_ptr[i] = rs;
-      normalize_row<T>(row, mu, rs, w_ptr ? w32.data() : nullptr, b_ptr ? b32.data() : nullptr, y_ptr + i * N, N);
+      normalize_row<T>(row, mu, rs, w_ptr ? w32.data() : nullptr, b_ptr ? b32.data() : nullptr, y_ptr + i * N, N,
+                       stream);
     }
+    fence_streaming_stores(stream);
   });
 }
 
@@ -176,6 +212,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
   const int64_t n_chunks = std::min<int64_t>(M, 4 * at::get_num_threads());
   const int64_t rows_per_chunk = (M + n_chunks - 1) / n_chunks;
   const bool want_partials = want_dw || has_bias;
+  const bool stream = use_streaming_stores(dx_ptr, M, N);
   std::vector<float> dw_part(want_dw ? n_chunks * N : 0, 0.f), db_part(has_bias ? n_chunks * N : 0, 0.f);
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -225,9 +262,10 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
           (vrs * (Vec::loadu(g.data() + j) - va - xh * vb)).store(g.data() + j);
         }
         for (; j < N; ++j) g[j] = rstd_ptr[i] * (g[j] - sum_g / N - xhat[j] * (sum_gx / N));
-        store_row<T>(g.data(), dx_ptr + i * N, N);
+        store_row<T>(g.data(), dx_ptr + i * N, N, stream);
       }
     }
+    fence_streaming_stores(stream);
   });
 
   // Second stage: sum the per-chunk partials column by column.
