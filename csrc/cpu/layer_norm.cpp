@@ -1,11 +1,12 @@
 // LayerNorm of (x + residual) over the last dim, forward and backward, on the CPU.
 //
 // Work split: at::parallel_for over rows; one thread owns whole rows. A row (N <= a few thousand floats)
-// fits in L1, so each row is read from memory once (into a float scratch row holding x + residual in fp32,
-// or in place for fp32 without residual), and the statistics and the output then come from cache. Mean and
-// variance take two passes over the scratch (not E[x^2] - E[x]^2) for accuracy at no memory cost.
-// The backward reduces dweight/dbias per fixed chunk of rows into fp32 partials, then sums the partials:
-// deterministic whatever the thread schedule, and no atomics.
+// fits in L1, so each row is read from memory once (into an fp32 scratch row, or in place for fp32 without
+// residual) and every later pass over it runs from cache. The forward takes the mean while loading and the
+// variance in a second pass over the cached row (not E[x^2] - E[x]^2, which cancels); the backward needs two
+// passes. The backward reduces dweight/dbias per fixed chunk of rows into fp32 partials, then sums the
+// partials: deterministic whatever the thread schedule, and no atomics.
+// Inner loops take 2 * Vec::size() elements at a time: one Vectorized<T> of fp16/bf16 widens to two of fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,124 +23,55 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStep = 2 * kVec;
+// Outputs at least this large skip the caches (see store2).
 constexpr int64_t kStreamBytes = 8 << 20;
 
-// out[j] = x[j] (+ r[j]) in fp32 (out may be null: only the sum is wanted); returns the sum, so the mean
-// costs no extra pass.
+// p[0, kStep) as two fp32 vectors.
 template <typename T>
-float load_row(const T* x, const T* r, float* out, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
+inline void load2(const T* p, Vec& a, Vec& b) {
   if constexpr (std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) {
-      Vec v = Vec::loadu(x + j);
-      if (r) v = v + Vec::loadu(r + j);
-      if (out) v.store(out + j);
-      acc = acc + v;
-    }
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kVec);
   } else {
-    using VecT = at::vec::Vectorized<T>;
-    for (; j + VecT::size() <= n; j += VecT::size()) {
-      auto [a, b] = at::vec::convert_to_float<T>(VecT::loadu(x + j));
-      if (r) {
-        auto [c, d] = at::vec::convert_to_float<T>(VecT::loadu(r + j));
-        a = a + c;
-        b = b + d;
-      }
-      a.store(out + j);
-      b.store(out + j + kVec);
-      acc = acc + a + b;
-    }
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
   }
-  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
-  for (; j < n; ++j) {
-    const float v = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
-    if (out) out[j] = v;
-    sum += v;
-  }
-  return sum;
 }
 
-// One 32-byte vector of output to y, with a non-temporal store when `stream`: an output larger than the
-// caches is then written without first being read in (no read-for-ownership), a third less memory traffic.
-template <typename V, typename T>
-inline void store_vec(const V& v, T* y, bool stream) {
+// p[0, kStep) = (a, b) rounded to T. With `stream`, non-temporal stores (p must be 32-byte aligned): an
+// output larger than the caches is then written without first being read in, a third less memory traffic.
+template <typename T>
+inline void store2(T* p, const Vec& a, const Vec& b, bool stream) {
 #if defined(CPU_CAPABILITY_AVX2)
   if (stream) {
     if constexpr (std::is_same_v<T, float>) {
-      _mm256_stream_ps(y, v);
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + kVec, b);
     } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(y), v);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
     }
     return;
   }
 #endif
-  v.store(y);
-}
-
-// out[j] = v[j] rounded to T; `stream` as for store_vec.
-template <typename T>
-void store_row(const float* v, T* out, int64_t n, bool stream = false) {
-  int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) store_vec(Vec::loadu(v + j), out + j, stream);
+    a.store(p);
+    b.store(p + kVec);
   } else {
-    using VecT = at::vec::Vectorized<T>;
-    for (; j + VecT::size() <= n; j += VecT::size()) {
-      store_vec(at::vec::convert_from_float<T>(Vec::loadu(v + j), Vec::loadu(v + j + kVec)), out + j, stream);
-    }
+    at::vec::convert_from_float<T>(a, b).store(p);
   }
-  for (; j < n; ++j) out[j] = static_cast<T>(v[j]);
 }
 
-// y[j] = (s[j] - mean) * rstd * w[j] + b[j], rounded to T; w, b are fp32 or null. `stream` requires y to be
-// 32-byte aligned.
+inline float reduce(const Vec& a, const Vec& b) { return at::vec::vec_reduce_all<float>(std::plus<Vec>(), a + b); }
+
+// The affine parameter p (N,) in fp32, converted once rather than once per row; empty when p is null.
 template <typename T>
-void normalize_row(const float* s, float mean, float rstd, const float* w, const float* b, T* y, int64_t n,
-                   bool stream) {
-  const Vec vmu(mean), vrs(rstd);
-  auto affine = [&](int64_t j) {
-    Vec v = (Vec::loadu(s + j) - vmu) * vrs;
-    if (w) v = v * Vec::loadu(w + j);
-    if (b) v = v + Vec::loadu(b + j);
-    return v;
-  };
-  int64_t j = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) store_vec(affine(j), y + j, stream);
-  } else {
-    using VecT = at::vec::Vectorized<T>;
-    for (; j + VecT::size() <= n; j += VecT::size()) {
-      store_vec(at::vec::convert_from_float<T>(affine(j), affine(j + kVec)), y + j, stream);
-    }
-  }
-  for (; j < n; ++j) {
-    float v = (s[j] - mean) * rstd;
-    if (w) v *= w[j];
-    if (b) v += b[j];
-    y[j] = static_cast<T>(v);
-  }
+std::vector<float> to_fp32(const T* p, int64_t n) {
+  std::vector<float> out(p ? n : 0);
+  for (int64_t j = 0; p && j < n; ++j) out[j] = static_cast<float>(p[j]);
+  return out;
 }
 
-float row_centered_sumsq(const float* v, float mean, int64_t n) {
-  const Vec m(mean);
-  Vec acc0(0.f), acc1(0.f);
-  int64_t j = 0;
-  for (; j + 2 * kVec <= n; j += 2 * kVec) {
-    Vec d0 = Vec::loadu(v + j) - m, d1 = Vec::loadu(v + j + kVec) - m;
-    acc0 = at::vec::fmadd(d0, d0, acc0);
-    acc1 = at::vec::fmadd(d1, d1, acc1);
-  }
-  for (; j + kVec <= n; j += kVec) {
-    Vec d = Vec::loadu(v + j) - m;
-    acc0 = at::vec::fmadd(d, d, acc0);
-  }
-  float s = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc0 + acc1);
-  for (; j < n; ++j) s += (v[j] - mean) * (v[j] - mean);
-  return s;
-}
-
-// Streaming stores pay off only for outputs well past the caches, and need every row 32-byte aligned.
+// Streaming stores need every output row 32-byte aligned, and pay off only for outputs past the caches.
 template <typename T>
 bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
   return M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && reinterpret_cast<uintptr_t>(out) % 32 == 0 &&
@@ -148,44 +80,171 @@ bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
 
 inline void fence_streaming_stores(bool stream) {
 #if defined(CPU_CAPABILITY_AVX2)
-  if (stream) _mm_sfence();  // orders the non-temporal stores before the parallel region's end
+  if (stream) _mm_sfence();  // orders this thread's non-temporal stores before the parallel region ends
 #endif
+}
+
+// Forward of one row: s = x + r (r may be null), y = (s - mean) * rstd * w + b (w, b fp32 or null).
+// `scratch` (N,) holds s in fp32 unless the row can be read in place (fp32, no residual).
+template <typename T>
+void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, float* scratch, int64_t n,
+                 float eps, bool stream, float& mean_out, float& rstd_out) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  const bool in_place = fp32 && r == nullptr;
+  const float* s = in_place ? reinterpret_cast<const float*>(x) : scratch;
+
+  Vec acc0(0.f), acc1(0.f);
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    Vec a, c;
+    load2(x + j, a, c);
+    if (r) {
+      Vec ra, rc;
+      load2(r + j, ra, rc);
+      a = a + ra;
+      c = c + rc;
+    }
+    if (!in_place) {
+      a.store(scratch + j);
+      c.store(scratch + j + kVec);
+    }
+    acc0 = acc0 + a;
+    acc1 = acc1 + c;
+  }
+  float sum = reduce(acc0, acc1);
+  for (; j < n; ++j) {
+    const float v = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
+    if (!in_place) scratch[j] = v;
+    sum += v;
+  }
+  const float mean = sum / n;
+
+  const Vec vmean(mean);
+  acc0 = Vec(0.f);
+  acc1 = Vec(0.f);
+  for (j = 0; j + kStep <= n; j += kStep) {
+    const Vec d0 = Vec::loadu(s + j) - vmean, d1 = Vec::loadu(s + j + kVec) - vmean;
+    acc0 = at::vec::fmadd(d0, d0, acc0);
+    acc1 = at::vec::fmadd(d1, d1, acc1);
+  }
+  float sumsq = reduce(acc0, acc1);
+  for (; j < n; ++j) sumsq += (s[j] - mean) * (s[j] - mean);
+  const float rstd = 1.f / std::sqrt(sumsq / n + eps);
+
+  const Vec vrstd(rstd);
+  auto affine = [&](int64_t k) {
+    const Vec v = (Vec::loadu(s + k) - vmean) * vrstd;
+    if (w && b) return at::vec::fmadd(v, Vec::loadu(w + k), Vec::loadu(b + k));
+    if (w) return v * Vec::loadu(w + k);
+    return b ? v + Vec::loadu(b + k) : v;
+  };
+  for (j = 0; j + kStep <= n; j += kStep) store2(y + j, affine(j), affine(j + kVec), stream);
+  for (; j < n; ++j) {
+    float v = (s[j] - mean) * rstd;
+    if (w) v *= w[j];
+    if (b) v += b[j];
+    y[j] = static_cast<T>(v);
+  }
+  mean_out = mean;
+  rstd_out = rstd;
+}
+
+// Backward of one row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and
+// xhat = (x + r - mean) * rstd; adds dy * xhat into dw_acc and dy into db_acc (each (N,) or null).
+// Pass 1 reads the row from memory, keeps xhat, g and dy (fp32) in scratch and takes both sums; pass 2 runs
+// from cache. g is kept rather than recomputed: a recomputed dy * w could be fused into an FMA with the
+// subtraction of mean(g), and then g - mean(g) would not be exactly 0 where it should be (N = 1).
+// An fp32 dy is read in place.
+template <typename T>
+void backward_row(const T* dy, const T* x, const T* r, const float* w, float mean, float rstd, T* dx,
+                  float* xhat_scratch, float* g_scratch, float* dy_scratch, float* dw_acc, float* db_acc, int64_t n,
+                  bool stream) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  const float* d = fp32 ? reinterpret_cast<const float*>(dy) : dy_scratch;
+  const Vec vmean(mean), vrstd(rstd);
+
+  Vec sum_g(0.f), sum_gx(0.f);
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    Vec a, c;
+    load2(x + j, a, c);
+    if (r) {
+      Vec ra, rc;
+      load2(r + j, ra, rc);
+      a = a + ra;
+      c = c + rc;
+    }
+    const Vec xh0 = (a - vmean) * vrstd, xh1 = (c - vmean) * vrstd;
+    xh0.store(xhat_scratch + j);
+    xh1.store(xhat_scratch + j + kVec);
+    Vec g0, g1;
+    load2(dy + j, g0, g1);
+    if (!fp32) {
+      g0.store(dy_scratch + j);
+      g1.store(dy_scratch + j + kVec);
+    }
+    if (w) {
+      g0 = g0 * Vec::loadu(w + j);
+      g1 = g1 * Vec::loadu(w + j + kVec);
+    }
+    g0.store(g_scratch + j);
+    g1.store(g_scratch + j + kVec);
+    sum_g = sum_g + g0 + g1;
+    sum_gx = at::vec::fmadd(g0, xh0, at::vec::fmadd(g1, xh1, sum_gx));
+  }
+  float sg = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum_g);
+  float sgx = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum_gx);
+  for (; j < n; ++j) {
+    const float xh = (static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f) - mean) * rstd;
+    const float dyv = static_cast<float>(dy[j]);
+    xhat_scratch[j] = xh;
+    if (!fp32) dy_scratch[j] = dyv;
+    g_scratch[j] = w ? dyv * w[j] : dyv;
+    sg += g_scratch[j];
+    sgx += g_scratch[j] * xh;
+  }
+  const float mean_g = sg / n, mean_gx = sgx / n;
+
+  const Vec vmean_g(mean_g), vmean_gx(mean_gx);
+  for (j = 0; j + kStep <= n; j += kStep) {
+    Vec out[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = j + h * kVec;
+      const Vec xh = Vec::loadu(xhat_scratch + k), dyv = Vec::loadu(d + k);
+      out[h] = vrstd * (Vec::loadu(g_scratch + k) - vmean_g - xh * vmean_gx);
+      if (dw_acc) at::vec::fmadd(dyv, xh, Vec::loadu(dw_acc + k)).store(dw_acc + k);
+      if (db_acc) (Vec::loadu(db_acc + k) + dyv).store(db_acc + k);
+    }
+    store2(dx + j, out[0], out[1], stream);
+  }
+  for (; j < n; ++j) {
+    const float xh = xhat_scratch[j], dyv = d[j];
+    dx[j] = static_cast<T>(rstd * (g_scratch[j] - mean_g - xh * mean_gx));
+    if (dw_acc) dw_acc[j] += dyv * xh;
+    if (db_acc) db_acc[j] += dyv;
+  }
 }
 
 template <typename T>
 void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight, const at::Tensor* bias,
              double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   const int64_t M = x.size(0), N = x.size(1);
-  const T* x_ptr = x.const_data_ptr<T>();                            // (M, N), row stride x.stride(0)
+  const T* x_ptr = x.const_data_ptr<T>();                               // (M, N), row stride x.stride(0)
   const T* r_ptr = residual ? residual->const_data_ptr<T>() : nullptr;  // (M, N) or null
-  const T* w_ptr = weight ? weight->const_data_ptr<T>() : nullptr;      // (N,) or null
-  const T* b_ptr = bias ? bias->const_data_ptr<T>() : nullptr;          // (N,) or null
   const int64_t x_stride = x.stride(0), r_stride = residual ? residual->stride(0) : 0;
-  T* y_ptr = y.data_ptr<T>();              // (M, N) contiguous
-  float* mean_ptr = mean.data_ptr<float>();  // (M,)
-  float* rstd_ptr = rstd.data_ptr<float>();  // (M,)
-
-  // The affine parameters are converted to fp32 once, not once per row.
-  std::vector<float> w32(w_ptr ? N : 0), b32(b_ptr ? N : 0);
-  if (w_ptr) load_row<T>(w_ptr, nullptr, w32.data(), N);
-  if (b_ptr) load_row<T>(b_ptr, nullptr, b32.data(), N);
-
+  T* y_ptr = y.data_ptr<T>();                                           // (M, N) contiguous
+  float* mean_ptr = mean.data_ptr<float>();                             // (M,)
+  float* rstd_ptr = rstd.data_ptr<float>();                             // (M,)
+  const std::vector<float> w32 = to_fp32(weight ? weight->const_data_ptr<T>() : nullptr, N);  // (N,) or empty
+  const std::vector<float> b32 = to_fp32(bias ? bias->const_data_ptr<T>() : nullptr, N);      // (N,) or empty
   const bool stream = use_streaming_stores(y_ptr, M, N);
-  const int64_t grain = std::max<int64_t>(1, 16384 / N);
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(N);
-    // An fp32 row with no residual is read in place; anything else is staged in fp32 scratch.
-    constexpr bool fp32 = std::is_same_v<T, float>;
+
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(N);
     for (int64_t i = begin; i < end; ++i) {
-      const T* x_row = x_ptr + i * x_stride;
-      const bool in_place = fp32 && !r_ptr;
-      const float* row = in_place ? reinterpret_cast<const float*>(x_row) : s.data();
-      const float mu = load_row<T>(x_row, r_ptr ? r_ptr + i * r_stride : nullptr, in_place ? nullptr : s.data(), N) / N;
-      const float rs = 1.f / std::sqrt(row_centered_sumsq(row, mu, N) / N + static_cast<float>(eps));
-      mean_ptr[i] = mu;
-      rstd_ptr[i] = rs;
-      normalize_row<T>(row, mu, rs, w_ptr ? w32.data() : nullptr, b_ptr ? b32.data() : nullptr, y_ptr + i * N, N,
-                       stream);
+      forward_row<T>(x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
+                     weight ? w32.data() : nullptr, bias ? b32.data() : nullptr, y_ptr + i * N, scratch.data(), N,
+                     static_cast<float>(eps), stream, mean_ptr[i], rstd_ptr[i]);
     }
     fence_streaming_stores(stream);
   });
@@ -196,87 +255,46 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
               const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, at::Tensor& dx, at::Tensor& dweight,
               at::Tensor& dbias) {
   const int64_t M = x.size(0), N = x.size(1);
-  const T* dy_ptr = dy.const_data_ptr<T>();                          // (M, N), row stride dy.stride(0)
-  const T* x_ptr = x.const_data_ptr<T>();                            // (M, N), row stride x.stride(0)
+  const T* dy_ptr = dy.const_data_ptr<T>();                             // (M, N), row stride dy.stride(0)
+  const T* x_ptr = x.const_data_ptr<T>();                               // (M, N), row stride x.stride(0)
   const T* r_ptr = residual ? residual->const_data_ptr<T>() : nullptr;  // (M, N) or null
-  const float* mean_ptr = mean.const_data_ptr<float>();              // (M,)
-  const float* rstd_ptr = rstd.const_data_ptr<float>();              // (M,)
+  const float* mean_ptr = mean.const_data_ptr<float>();                 // (M,)
+  const float* rstd_ptr = rstd.const_data_ptr<float>();                 // (M,)
   const int64_t dy_stride = dy.stride(0), x_stride = x.stride(0), r_stride = residual ? residual->stride(0) : 0;
-  T* dx_ptr = dx.data_ptr<T>();  // (M, N) contiguous
+  T* dx_ptr = dx.data_ptr<T>();                                         // (M, N) contiguous
+  const std::vector<float> w32 = to_fp32(weight ? weight->const_data_ptr<T>() : nullptr, N);  // (N,) or empty
   const bool want_dw = weight != nullptr;
+  const bool stream = use_streaming_stores(dx_ptr, M, N);
 
-  std::vector<float> w32(want_dw ? N : 0);
-  if (want_dw) load_row<T>(weight->const_data_ptr<T>(), nullptr, w32.data(), N);
-
-  // Fixed chunks (not per-thread buffers) keep dweight/dbias bitwise reproducible across thread counts' schedules.
+  // Fixed chunks of rows, not per-thread buffers, so dweight/dbias do not depend on the thread schedule.
   const int64_t n_chunks = std::min<int64_t>(M, 4 * at::get_num_threads());
   const int64_t rows_per_chunk = (M + n_chunks - 1) / n_chunks;
-  const bool want_partials = want_dw || has_bias;
-  const bool stream = use_streaming_stores(dx_ptr, M, N);
-  std::vector<float> dw_part(want_dw ? n_chunks * N : 0, 0.f), db_part(has_bias ? n_chunks * N : 0, 0.f);
+  std::vector<float> dw_part(want_dw ? n_chunks * N : 0, 0.f);   // (n_chunks, N)
+  std::vector<float> db_part(has_bias ? n_chunks * N : 0, 0.f);  // (n_chunks, N)
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> xhat(N), g(N);
+    std::vector<float> xhat(N), g(N), dy32(N);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      float* dw_c = want_dw ? dw_part.data() + c * N : nullptr;
-      float* db_c = has_bias ? db_part.data() + c * N : nullptr;
-      const int64_t row_end = std::min(M, (c + 1) * rows_per_chunk);
-      for (int64_t i = c * rows_per_chunk; i < row_end; ++i) {
-        load_row<T>(x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr, xhat.data(), N);
-        load_row<T>(dy_ptr + i * dy_stride, nullptr, g.data(), N);
-        const Vec vmu(mean_ptr[i]), vrs(rstd_ptr[i]);
-        // xhat = (s - mean) * rstd; g = dy * w. The partials take dy (in g) before it is scaled by w.
-        Vec a0(0.f), b0(0.f);
-        int64_t j = 0;
-        for (; j + kVec <= N; j += kVec) {
-          Vec xh = (Vec::loadu(xhat.data() + j) - vmu) * vrs;
-          Vec d = Vec::loadu(g.data() + j);
-          if (want_partials) {
-            if (dw_c) at::vec::fmadd(d, xh, Vec::loadu(dw_c + j)).store(dw_c + j);
-            if (db_c) (Vec::loadu(db_c + j) + d).store(db_c + j);
-          }
-          if (want_dw) d = d * Vec::loadu(w32.data() + j);
-          xh.store(xhat.data() + j);
-          d.store(g.data() + j);
-          a0 = a0 + d;
-          b0 = at::vec::fmadd(d, xh, b0);
-        }
-        float sum_g = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a0);
-        float sum_gx = at::vec::vec_reduce_all<float>(std::plus<Vec>(), b0);
-        for (; j < N; ++j) {
-          const float xh = (xhat[j] - mean_ptr[i]) * rstd_ptr[i];
-          float d = g[j];
-          if (dw_c) dw_c[j] += d * xh;
-          if (db_c) db_c[j] += d;
-          if (want_dw) d *= w32[j];
-          xhat[j] = xh;
-          g[j] = d;
-          sum_g += d;
-          sum_gx += d * xh;
-        }
-        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), written into g before the store to T.
-        const Vec va(sum_g / N), vb(sum_gx / N);
-        j = 0;
-        for (; j + kVec <= N; j += kVec) {
-          Vec xh = Vec::loadu(xhat.data() + j);
-          (vrs * (Vec::loadu(g.data() + j) - va - xh * vb)).store(g.data() + j);
-        }
-        for (; j < N; ++j) g[j] = rstd_ptr[i] * (g[j] - sum_g / N - xhat[j] * (sum_gx / N));
-        store_row<T>(g.data(), dx_ptr + i * N, N, stream);
+      for (int64_t i = c * rows_per_chunk; i < std::min(M, (c + 1) * rows_per_chunk); ++i) {
+        backward_row<T>(dy_ptr + i * dy_stride, x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
+                        want_dw ? w32.data() : nullptr, mean_ptr[i], rstd_ptr[i], dx_ptr + i * N, xhat.data(),
+                        g.data(), dy32.data(), want_dw ? dw_part.data() + c * N : nullptr,
+                        has_bias ? db_part.data() + c * N : nullptr, N, stream);
       }
     }
     fence_streaming_stores(stream);
   });
 
-  // Second stage: sum the per-chunk partials column by column.
+  // Second stage: sum the per-chunk partials column by column, in chunk order.
   auto reduce_partials = [&](const std::vector<float>& part, at::Tensor& out) {
-    std::vector<float> total(N, 0.f);
+    T* out_ptr = out.data_ptr<T>();  // (N,)
     at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        for (int64_t j = begin; j < end; ++j) total[j] += part[c * N + j];
+      for (int64_t j = begin; j < end; ++j) {
+        float total = 0.f;
+        for (int64_t c = 0; c < n_chunks; ++c) total += part[c * N + j];
+        out_ptr[j] = static_cast<T>(total);
       }
     });
-    store_row<T>(total.data(), out.data_ptr<T>(), N);
   };
   if (want_dw) reduce_partials(dw_part, dweight);
   if (has_bias) reduce_partials(db_part, dbias);
@@ -289,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, double eps) {
   check_layer_norm_fwd_args(x, residual, weight, bias, at::kCPU);
+  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));

@@ -2,6 +2,7 @@
 TFLOP/s, the ratio to torch eager and the fraction of the device's peak measured in the same run."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import re
 from typing import Callable
@@ -17,6 +18,23 @@ from ctxkern.bench.report import git_commit
 OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_norm.cases}
 
 
+def steady_cpu_allocator() -> str:
+    """Makes glibc keep freed large blocks for reuse instead of returning them to the OS.
+
+    By default glibc maps every allocation above a threshold afresh, and each run of an op then pays page
+    faults and page zeroing for its output, by an amount that depends on the order in which the candidates
+    free and allocate: that noise swamped the kernels' differences. This gives every candidate the steady
+    state a caching allocator (jemalloc, tcmalloc, a long-running server's heap) gives. Only this process.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 2**30) == 1 and libc.mallopt(m_trim_threshold, 2**30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc, large blocks reused (mallopt M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 1 GiB)" if ok else "default"
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -30,6 +48,7 @@ def run(ops: list[str], device: str, *, quick: bool = False, with_compile: bool 
         raise ValueError(f"op must be one of {', '.join(OPS)}; got {', '.join(unknown)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    allocator = steady_cpu_allocator() if device == "cpu" else "torch CUDA caching allocator"
     torch.manual_seed(0)
     progress("measuring peaks")
     peaks = measure_peaks(device, quick)
@@ -41,4 +60,4 @@ def run(ops: list[str], device: str, *, quick: bool = False, with_compile: bool 
     name = device_name(device)
     return {"device": name, "device_slug": "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()),
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "peak": peaks, "rows": rows}
+            "threads": torch.get_num_threads(), "allocator": allocator, "peak": peaks, "rows": rows}

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ctxkern.bench.timing import timer_for
+from ctxkern.bench.timing import time_cpu_interleaved, time_cuda
 
 # Allowed max |out - ref| / max(1, max |ref|): a sanity bound that catches wrong kernels, not an ulp test
 # (the tests hold the kernels to the tight bounds).
@@ -52,28 +52,42 @@ def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype)
     return None
 
 
+def _new_row(case: Case, cand: Candidate) -> dict:
+    return {"op": case.op, "backend": cand.backend, "shape": case.shape,
+            "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
+            "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+
+
+def _check_or_explain(cand: Candidate, reference: Sequence[Tensor], dtype: torch.dtype) -> Optional[str]:
+    try:
+        return check(cand, reference, dtype)
+    except Exception as err:  # a candidate that cannot run here (a compile failure, an unsupported shape)
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        return f"failed: {type(err).__name__}: {first_line}"
+
+
 def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
-    timer = timer_for(device)
+    """Checks every candidate, then times the ones that may be timed: on a GPU one after another (the device
+    is the run's alone), on a CPU in interleaved rounds (the machine is shared, and its speed drifts)."""
     reference = case.reference()
-    rows, eager_ms = [], None
+    rows, timed = [], []
     for cand in case.candidates:
-        row = {"op": case.op, "backend": cand.backend, "shape": case.shape,
-               "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
-               "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
-        try:
-            problem = check(cand, reference, case.dtype)
-        except Exception as err:  # a candidate that cannot run here (compile failure, unsupported shape)
-            problem = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        row = _new_row(case, cand)
+        rows.append(row)
+        problem = _check_or_explain(cand, reference, case.dtype)
         if problem is not None and not cand.baseline:
             row["error"] = problem
-            rows.append(row)
             continue
         if problem is not None:
-            # A peer that is less accurate than the sanity bound is still what users run: timed, and flagged.
+            # A peer less accurate than the sanity bound is still what its users run: timed, and flagged.
             row["note"] = f"inaccurate: {problem}"
-        ms = timer(cand.fn)
-        if cand.backend == "torch eager":
-            eager_ms = ms
+        timed.append((row, cand))
+    if device == "cpu":
+        times = time_cpu_interleaved([cand.fn for _, cand in timed])
+    else:
+        times = [time_cuda(cand.fn) for _, cand in timed]
+    eager_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == "torch eager"), None)
+    for (row, _), ms in zip(timed, times):
         row["median_ms"] = ms
         row["gbps"] = case.bytes_moved / ms / 1e6
         if case.flops is not None:
@@ -81,8 +95,6 @@ def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
         # Memory-bound ops are scaled by the copy bandwidth, compute-bound ones by the matmul rate.
         row["peak_fraction"] = (row["tflops"] / peaks["bf16_tflops"] if case.flops is not None
                                 else row["gbps"] / peaks["copy_gbps"])
-        rows.append(row)
-    for row in rows:
-        if eager_ms is not None and row["median_ms"]:
-            row["speedup_vs_torch"] = eager_ms / row["median_ms"]
+        if eager_ms is not None:
+            row["speedup_vs_torch"] = eager_ms / ms
     return rows

@@ -46,6 +46,7 @@ def format_text(result: dict) -> str:
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(COLUMNS)]
     out = [f"device: {result['device']}   torch {result['torch']}   commit {result['commit']}   "
            f"peak: copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s",
+           f"allocator: {result['allocator']}",
            "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
     out += ["  ".join(v.ljust(w) for v, w in zip(l, widths)) for l in lines]
     out.append("(* = ctxkern; 'vs torch' = torch eager time / this time; 'of peak' = GB/s over the measured copy "
@@ -56,7 +57,8 @@ def format_text(result: dict) -> str:
 def format_markdown(result: dict) -> str:
     out = [f"# ctxkern benchmark: {result['device']}", "",
            f"torch {result['torch']}, commit `{result['commit']}`, {result['date']}. Measured peaks in this run: "
-           f"copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s.",
+           f"copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s. "
+           f"Allocator: {result['allocator']}.",
            "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(l) + " |" for l in table_lines(result["rows"])]
     out += ["", "`*` marks ctxkern's kernels. 'vs torch' is torch eager's median time over this row's."]

@@ -21,6 +21,29 @@ def time_cpu(fn: Callable[[], object], min_seconds: float = 0.25, warmup: int = 
     return statistics.median(times) * 1e3
 
 
+def time_cpu_interleaved(fns: list[Callable[[], object]], rounds: int = 15, min_seconds: float = 0.02,
+                         warmup: int = 3) -> list[float]:
+    """Median wall time in ms of each fn, timed in alternating rounds so that every fn sees the same share of
+    a shared machine's slow and fast moments: their ratios are then fair even when absolute times drift."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    # Calls per round: enough for each round of each fn to last about min_seconds.
+    reps = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        reps.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, k, out in zip(fns, reps, samples):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            out.append((time.perf_counter() - t0) / k)
+    return [statistics.median(s) * 1e3 for s in samples]
+
+
 def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median GPU time of fn in ms, L2 flushed before each run (triton's do_bench when available)."""
     try:
