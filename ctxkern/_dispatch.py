@@ -38,6 +38,7 @@ def _load_extension():
 
 
 _C, _C_REASON = _load_extension()
+HAS_EXTENSION = _C is not None  # the compiled operators (torch.ops.ctxkern.*) are registered
 # Triton reads TRITON_INTERPRET when its kernels are defined, so the value at ctxkern's import is the one in force.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -89,14 +90,16 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return device.type == backend
 
 
+def check_choice(backend: str, name: str = "backend") -> str:
+    if backend not in CHOICES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, CHOICES))}; got {backend!r}")
+    return backend
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend that serves a tensor on `device` when the caller asked for `backend`."""
-    if backend not in CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}; got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("CTXKERN_BACKEND", "auto") or "auto"
-        if backend not in CHOICES:
-            raise ValueError(f"CTXKERN_BACKEND must be one of {', '.join(CHOICES)}; got {backend!r}")
+    if check_choice(backend) == "auto":
+        backend = check_choice(os.environ.get("CTXKERN_BACKEND", "auto") or "auto", "CTXKERN_BACKEND")
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if _STATUS[candidate] == "available" and _runs_on(candidate, device):

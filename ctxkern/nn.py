@@ -21,13 +21,11 @@ class LayerNorm(torch.nn.LayerNorm):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto") -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        if backend not in _dispatch.CHOICES:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, _dispatch.CHOICES))}; got {backend!r}")
-        self.backend = backend
+        self.backend = _dispatch.check_choice(backend)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         k = len(self.normalized_shape)
-        if tuple(input.shape[-k:]) != tuple(self.normalized_shape) or input.dim() < k:
+        if tuple(input.shape[-k:]) != tuple(self.normalized_shape):
             raise ValueError(f"input's trailing dims must be normalized_shape {tuple(self.normalized_shape)}, "
                              f"got input of shape {tuple(input.shape)}")
         if residual is not None and residual.shape != input.shape:

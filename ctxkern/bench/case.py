@@ -48,7 +48,7 @@ def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype)
     for i, (out, ref) in enumerate(zip(outs, reference)):
         err = (out.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
         if not err <= SANITY_TOLERANCE[dtype]:
-            return f"output {i} off by {err:.3g} (relative to max |ref|)"
+            return f"output {i} off by {err:.3g} of the reference's largest magnitude"
     return None
 
 

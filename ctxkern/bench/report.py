@@ -60,7 +60,7 @@ def format_markdown(result: dict) -> str:
            f"copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s. "
            f"Allocator: {result['allocator']}.",
            "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(l) + " |" for l in table_lines(result["rows"])]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in l) + " |" for l in table_lines(result["rows"])]
     out += ["", "`*` marks ctxkern's kernels. 'vs torch' is torch eager's median time over this row's."]
     return "\n".join(out) + "\n"
 

@@ -45,7 +45,10 @@ def _layer_norm_bwd_triton(dy: Tensor, x: Tensor, residual: Optional[Tensor], we
     return layer_norm_bwd_triton(dy, x, residual, weight, mean, rstd, has_bias)
 
 
-def _register(fwd_name: str, bwd_op) -> None:
+def _register(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels for both operators, and the backward operator as the forward one's autograd."""
+    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+
     def setup_context(ctx, inputs, output):
         x, residual, weight, bias, _eps = inputs
         _y, mean, rstd = output
@@ -60,16 +63,16 @@ def _register(fwd_name: str, bwd_op) -> None:
                 dbias if ctx.has_bias else None, None)
 
     torch.library.register_fake(fwd_name, _fwd_fake)
+    torch.library.register_fake(bwd_name, _bwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
-_FWD: dict = {"triton": torch.ops.ctxkern.layer_norm_fwd_triton}
-_register("ctxkern::layer_norm_fwd_triton", torch.ops.ctxkern.layer_norm_bwd_triton)
-torch.library.register_fake("ctxkern::layer_norm_bwd_triton", _bwd_fake)
-if _dispatch._C is not None:
+# backend -> forward operator
+_FWD = {"triton": torch.ops.ctxkern.layer_norm_fwd_triton}
+_register("ctxkern::layer_norm_fwd_triton", "ctxkern::layer_norm_bwd_triton")
+if _dispatch.HAS_EXTENSION:
     _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.layer_norm_fwd
-    _register("ctxkern::layer_norm_fwd", torch.ops.ctxkern.layer_norm_bwd)
-    torch.library.register_fake("ctxkern::layer_norm_bwd", _bwd_fake)
+    _register("ctxkern::layer_norm_fwd", "ctxkern::layer_norm_bwd")
 
 
 def _check(x, weight, bias, residual) -> None:
