@@ -235,7 +235,8 @@ def test_torch_compile_fullgraph(backend):
     (dict(weight=torch.randn(8, device="meta")), "weight must be on x's device"),
     (dict(residual=torch.randn(4, 9)), "residual must have shape"),
     (dict(residual=torch.randn(4, 8).half()), "residual must have x's dtype"),
-    (dict(eps=-1.0), "eps must be >= 0"),
+    (dict(eps=-1.0), "eps must be finite and >= 0"),
+    (dict(eps=float("nan")), "eps must be finite and >= 0"),
     (dict(backend="fast"), "backend must be one of"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):

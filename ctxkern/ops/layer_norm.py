@@ -97,8 +97,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     Differentiable in x, residual, weight and bias. backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
     _check(x, weight, bias, residual)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     name = _dispatch.resolve(backend, x.device)
     if name == "torch" or x.numel() == 0:
         return layer_norm_ref(x, weight, bias, eps, residual)
