@@ -38,6 +38,18 @@ inline void load2(const T* p, Vec& a, Vec& b) {
   }
 }
 
+// x[0, kStep) + r[0, kStep) (r may be null) as two fp32 vectors.
+template <typename T>
+inline void load_sum2(const T* x, const T* r, Vec& a, Vec& b) {
+  load2(x, a, b);
+  if (r) {
+    Vec ra, rb;
+    load2(r, ra, rb);
+    a = a + ra;
+    b = b + rb;
+  }
+}
+
 // p[0, kStep) = (a, b) rounded to T. With `stream`, non-temporal stores (p must be 32-byte aligned): an
 // output larger than the caches is then written without first being read in, a third less memory traffic.
 template <typename T>
@@ -97,13 +109,7 @@ void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, f
   int64_t j = 0;
   for (; j + kStep <= n; j += kStep) {
     Vec a, c;
-    load2(x + j, a, c);
-    if (r) {
-      Vec ra, rc;
-      load2(r + j, ra, rc);
-      a = a + ra;
-      c = c + rc;
-    }
+    load_sum2(x + j, r ? r + j : nullptr, a, c);
     if (!in_place) {
       a.store(scratch + j);
       c.store(scratch + j + kVec);
@@ -167,13 +173,7 @@ void backward_row(const T* dy, const T* x, const T* r, const float* w, float mea
   int64_t j = 0;
   for (; j + kStep <= n; j += kStep) {
     Vec a, c;
-    load2(x + j, a, c);
-    if (r) {
-      Vec ra, rc;
-      load2(r + j, ra, rc);
-      a = a + ra;
-      c = c + rc;
-    }
+    load_sum2(x + j, r ? r + j : nullptr, a, c);
     const Vec xh0 = (a - vmean) * vrstd, xh1 = (c - vmean) * vrstd;
     xh0.store(xhat_scratch + j);
     xh1.store(xhat_scratch + j + kVec);
