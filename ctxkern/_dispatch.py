@@ -10,6 +10,7 @@ import importlib.util
 import os
 import platform
 import warnings
+from typing import Optional
 
 import torch
 
@@ -18,18 +19,53 @@ CHOICES = BACKENDS + ("auto",)
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-def _cpu_lacks_avx2() -> bool:
-    # The extension's CPU kernels are compiled for AVX2 on x86; loading them elsewhere would be an illegal
-    # instruction, not an exception, so this is checked before the import.
-    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        return " avx2" not in f.read()
+# Builds of the CPU kernels, widest first, with the /proc/cpuinfo flags each needs (setup.py's flags).
+_CPU_BUILDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+               "avx2": {"avx2", "fma", "f16c"}}
+
+
+def _cpu_flags() -> Optional[set[str]]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return None
+
+
+def _cpu_build_candidates() -> tuple[list[str], str]:
+    """The CPU-kernel builds this CPU runs, widest first (CTXKERN_CPU_CAPABILITY narrows it to one), or a reason."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["default"], ""
+    flags = _cpu_flags()
+    # Running code built for an instruction set the CPU lacks is an illegal instruction, not an exception,
+    # so a build is loaded only when the CPU is known to have everything it was compiled for.
+    runnable = [name for name, needs in _CPU_BUILDS.items() if flags is not None and needs <= flags]
+    wanted = os.environ.get("CTXKERN_CPU_CAPABILITY")
+    if wanted:
+        if wanted not in _CPU_BUILDS:
+            return [], f"CTXKERN_CPU_CAPABILITY must be one of {', '.join(_CPU_BUILDS)}; got {wanted!r}"
+        if wanted not in runnable:
+            return [], f"CTXKERN_CPU_CAPABILITY={wanted} but this CPU lacks the instructions it needs"
+        return [wanted], ""
+    if not runnable:
+        return [], "this x86 CPU has no AVX2, which ctxkern's CPU kernels need"
+    return runnable, ""
+
+
+def _load_cpu_kernels():
+    """Imports the widest runnable build of the CPU kernels; returns (its name or None, reason)."""
+    candidates, reason = _cpu_build_candidates()
+    errors = []
+    for name in candidates:
+        try:
+            importlib.import_module(f"ctxkern._cpu_{name}")
+            return name, ""
+        except ImportError as err:
+            errors.append(f"ctxkern._cpu_{name} is not built ({err})")
+    return None, reason or "; ".join(errors)
 
 
 def _load_extension():
-    if _cpu_lacks_avx2():
-        return None, "this x86 CPU has no AVX2, which ctxkern._C's CPU kernels need"
     try:
         from ctxkern import _C
     except ImportError as err:
@@ -39,6 +75,10 @@ def _load_extension():
 
 _C, _C_REASON = _load_extension()
 HAS_EXTENSION = _C is not None  # the compiled operators (torch.ops.ctxkern.*) are registered
+if HAS_EXTENSION:
+    CPU_KERNELS, _CPU_REASON = _load_cpu_kernels()
+else:
+    CPU_KERNELS, _CPU_REASON = None, _C_REASON
 # Triton reads TRITON_INTERPRET when its kernels are defined, so the value at ctxkern's import is the one in force.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -56,7 +96,7 @@ _HAS_CUDA_DEVICE = torch.cuda.is_available()
 
 def _status() -> dict[str, str]:
     status = {"torch": "available"}
-    status["cpu"] = "available" if _C is not None else f"unavailable: {_C_REASON}"
+    status["cpu"] = "available" if CPU_KERNELS is not None else f"unavailable: {_CPU_REASON}"
     if _C is None:
         status["cuda"] = f"unavailable: {_C_REASON}"
     elif not _C.with_cuda:
@@ -113,7 +153,10 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def warn_if_degraded() -> None:
-    """Warns once, at import, when the compiled extension is missing and the torch backend serves."""
+    """Warns once, at import, when the compiled kernels are missing and the torch backend serves."""
     if _C is None:
         warnings.warn(f"ctxkern: {_C_REASON}; the pure-PyTorch backend serves every op", RuntimeWarning,
+                      stacklevel=3)
+    elif CPU_KERNELS is None:
+        warnings.warn(f"ctxkern: {_CPU_REASON}; the pure-PyTorch backend serves CPU tensors", RuntimeWarning,
                       stacklevel=3)

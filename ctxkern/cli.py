@@ -10,6 +10,7 @@ import torch
 
 def _info(_args) -> int:
     import ctxkern
+    from ctxkern import _dispatch
 
     print(f"ctxkern {ctxkern.__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if torch.cuda.is_available():
@@ -18,7 +19,8 @@ def _info(_args) -> int:
         print("CUDA device: none")
     print("backends:")
     for name, status in ctxkern.backends().items():
-        print(f"  {name:<7} {status}")
+        detail = f" ({_dispatch.CPU_KERNELS} build)" if name == "cpu" and status == "available" else ""
+        print(f"  {name:<7} {status}{detail}")
     return 0
 
 

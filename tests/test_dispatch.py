@@ -1,7 +1,10 @@
 """Backend choice and degradation: DESIGN.md's dispatch rules."""
+import os
+import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +89,34 @@ print(ops.layer_norm(torch.randn(3, 8)).shape)
 """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["unavailable: triton is not installed", "torch.Size([3, 8])"]
+
+
+def _env(**overrides) -> dict:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 build exists on x86-64 only")
+def test_the_avx2_build_passes_the_cpu_tests_too():
+    """The widest build the CPU runs serves the other tests; this reruns the CPU-backend tests on the AVX2 one
+    (on an AVX-512 machine both builds are then verified)."""
+    env = _env(CTXKERN_CPU_CAPABILITY="avx2")
+    probe = subprocess.run([sys.executable, "-c", "from ctxkern import _dispatch; print(_dispatch.CPU_KERNELS)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert probe.stdout.strip() == "avx2", probe.stdout + probe.stderr
+    tests = Path(__file__).parent / "test_layer_norm.py"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
+                           "-k", "cpu-cpu or cpu_outputs or opcheck"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+
+
+def test_a_bad_cpu_capability_override_is_refused_with_the_reason():
+    code = "import warnings, ctxkern; print(ctxkern.backends()['cpu'])"
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                          env=_env(CTXKERN_CPU_CAPABILITY="sse9"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("unavailable: CTXKERN_CPU_CAPABILITY must be one of")
+    assert "the pure-PyTorch backend serves CPU tensors" in proc.stderr

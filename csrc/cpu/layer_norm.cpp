@@ -50,11 +50,21 @@ inline void load_sum2(const T* x, const T* r, Vec& a, Vec& b) {
   }
 }
 
-// p[0, kStep) = (a, b) rounded to T. With `stream`, non-temporal stores (p must be 32-byte aligned): an
+// p[0, kStep) = (a, b) rounded to T. With `stream`, non-temporal stores (p must be sizeof(Vec)-aligned): an
 // output larger than the caches is then written without first being read in, a third less memory traffic.
 template <typename T>
 inline void store2(T* p, const Vec& a, const Vec& b, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + kVec, b);
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if (stream) {
     if constexpr (std::is_same_v<T, float>) {
       _mm256_stream_ps(p, a);
@@ -83,15 +93,21 @@ std::vector<float> to_fp32(const T* p, int64_t n) {
   return out;
 }
 
-// Streaming stores need every output row 32-byte aligned, and pay off only for outputs past the caches.
+// Streaming stores need every output row aligned to a vector, and pay off only for outputs past the caches;
+// the portable build has none.
 template <typename T>
 bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
-  return M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && reinterpret_cast<uintptr_t>(out) % 32 == 0 &&
-         (N * sizeof(T)) % 32 == 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t align = sizeof(Vec);
+  return M * N * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && reinterpret_cast<uintptr_t>(out) % align == 0 &&
+         (N * static_cast<int64_t>(sizeof(T))) % align == 0;
+#else
+  return false;
+#endif
 }
 
 inline void fence_streaming_stores(bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if (stream) _mm_sfence();  // orders this thread's non-temporal stores before the parallel region ends
 #endif
 }
