@@ -75,7 +75,7 @@ def test_gradients_match_float64_reference(backend, device, dtype, n, variant):
     lp_inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
     xl, rl, wl, bl = lp_inputs
     torch_grads = torch.autograd.grad(torch_low_precision(xl, rl, wl, bl), [t for t in lp_inputs if t is not None], dy)
-    for got, ref, theirs in zip(grads, ref_grads, torch_grads):
+    for got, ref, theirs in zip(grads, ref_grads, torch_grads, strict=True):
         assert got.dtype == dtype
         assert_close_for_dtype(got, ref, theirs, interpreter_rounding_slack(backend, device, ref, dtype))
 
@@ -120,7 +120,7 @@ def test_rows_wider_than_registers(backend, device, n):
     xd, rd, wd, bd = (t.detach().double().requires_grad_() for t in (x, r, w, b))
     ref = layer_norm_ref(xd, wd, bd, 1e-5, rd)
     assert_fp32_close(y, ref)
-    for got, want in zip(grads, torch.autograd.grad(ref, (xd, rd, wd, bd), dy.double())):
+    for got, want in zip(grads, torch.autograd.grad(ref, (xd, rd, wd, bd), dy.double()), strict=True):
         assert_fp32_close(got, want)
 
 
@@ -180,7 +180,7 @@ def test_cpu_outputs_past_the_cache_size(dtype):
     xl, rl, wl, bl = (t.detach().requires_grad_() for t in (x, r, w, b))
     theirs = torch_low_precision(xl, rl, wl, bl)
     assert_close_for_dtype(y, ref, theirs)
-    for got, want, their in zip(grads, ref_grads, torch.autograd.grad(theirs, (xl, wl, bl), dy)):
+    for got, want, their in zip(grads, ref_grads, torch.autograd.grad(theirs, (xl, wl, bl), dy), strict=True):
         assert_close_for_dtype(got, want, their)
 
 
@@ -223,7 +223,7 @@ def test_torch_compile_fullgraph(backend):
     ref = layer_norm_ref(xd * 2, wd, bd, 1e-5, rd).relu()
     ref_grads = torch.autograd.grad(ref.square().sum(), (xd, rd, wd, bd))
     assert_fp32_close(y, ref)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         assert_fp32_close(got, want, rel=2e-5)
 
 
@@ -301,7 +301,7 @@ def test_nn_layer_norm_is_a_drop_in(backend, device, shape, kwargs):
     dy = torch.randn_like(y)
     ours_grads = torch.autograd.grad(y, (x, *ours.parameters()), dy)
     theirs_grads = torch.autograd.grad(theirs.float()(x), (x, *theirs.parameters()), dy)
-    for got, want in zip(ours_grads, theirs_grads):
+    for got, want in zip(ours_grads, theirs_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
