@@ -295,6 +295,19 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// The per-thread dweight / dbias column accumulators of the backward kernels, zeroed.
+template <int ITERS, int VEC>
+__device__ __forceinline__ void zero_accumulators(float (&dw_acc)[ITERS][VEC], float (&db_acc)[ITERS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < ITERS; ++c) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dw_acc[c][j] = 0.f;
+      db_acc[c][j] = 0.f;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward kernels. Their grids are persistent (a few blocks per SM, rows strided over the grid) so that each
 // block folds many rows into one set of dweight / dbias partials before writing them out: the workspace,
@@ -328,14 +341,7 @@ __global__ void __launch_bounds__(kWarpThreads)
 
   float dw_acc[ITERS][VEC];
   float db_acc[ITERS][VEC];
-#pragma unroll
-  for (int c = 0; c < ITERS; ++c) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      dw_acc[c][j] = 0.f;
-      db_acc[c][j] = 0.f;
-    }
-  }
+  zero_accumulators(dw_acc, db_acc);
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + warp; row < M;
        row += static_cast<int64_t>(gridDim.x) * kWarpRowsPerBlock) {
@@ -394,14 +400,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
   float dw_acc[ITERS][VEC];
   float db_acc[ITERS][VEC];
-#pragma unroll
-  for (int c = 0; c < ITERS; ++c) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      dw_acc[c][j] = 0.f;
-      db_acc[c][j] = 0.f;
-    }
-  }
+  zero_accumulators(dw_acc, db_acc);
 
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     layer_norm_bwd_row<T, VEC, ITERS, kRowThreads>(

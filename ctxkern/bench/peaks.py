@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ctxkern.bench.timing import timer_for
+from ctxkern.bench.timing import time_cpu_interleaved, time_cuda
 
 
 def measure_peaks(device: str, quick: bool = False) -> dict[str, float]:
     """copy_gbps: a large device-to-device copy, bytes read plus written; bf16_tflops: a large bf16 matmul."""
-    timer = timer_for(device)
+    timer = time_cuda if device == "cuda" else (lambda fn: time_cpu_interleaved([fn])[0])
     copy_bytes = (32 if quick else 256) * 2**20 if device == "cpu" else 2 * 2**30
     src = torch.rand(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)

@@ -8,19 +8,6 @@ from typing import Callable
 import torch
 
 
-def time_cpu(fn: Callable[[], object], min_seconds: float = 0.25, warmup: int = 3, min_reps: int = 5) -> float:
-    """Median wall time of fn in ms."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def time_cpu_interleaved(fns: list[Callable[[], object]], rounds: int = 15, min_seconds: float = 0.02,
                          warmup: int = 3) -> list[float]:
     """Median wall time in ms of each fn, timed in alternating rounds so that every fn sees the same share of
@@ -75,7 +62,3 @@ def _time_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def timer_for(device: str) -> Callable[[Callable[[], object]], float]:
-    return time_cuda if device == "cuda" else time_cpu
