@@ -1,0 +1,269 @@
+// Masked mean pooling on the CPU, forward and backward, for padded (B, S, D) hidden states with a (B, S) bool
+// mask and for packed (total, D) ones with cu_seqlens.
+//
+// Forward work split: at::parallel_for over units (row b, column chunk). A unit walks its row's tokens, skips the
+// padding ones without touching their hidden states, and adds each real token's columns into an fp32
+// accumulator row (L1-resident): hidden is read once, and only where mask says so. Rows are cut into column
+// chunks only when there are too few rows to give every thread several units, so a batch of 1 still uses every
+// core. A second, cheap pass per row (B x D) divides by the count and normalizes, because the norm needs the
+// whole row. sentence-transformers instead multiplies every position by the mask and sums: it reads the
+// padding, writes and re-reads a (B, S, D) product, and normalizes in another pass.
+// Backward: g[b] = d(out[b]) / d(mean[b]) applied to dout[b], divided by the token count, computed once per row
+// and rounded to the storage dtype once; then each dhidden token row is a copy of g[b] (real) or zeros (padding).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "../masked_mean_pool_checks.h"
+
+namespace ctxkern {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStep = 2 * kVec;  // one Vectorized<T> of fp16/bf16 widens to two of fp32
+constexpr int64_t kMinChunkCols = 64;  // a narrower column chunk would read partial cache lines per token
+constexpr float kNormEps = 1e-12f;
+
+// p[0, kStep) as two fp32 vectors.
+template <typename T>
+inline void load2(const T* p, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kVec);
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+// Where the tokens of sequence b are: dense rows with a mask, or packed rows delimited by cu_seqlens.
+struct Sequences {
+  const uint8_t* mask;  // (B, S) 0/1, or nullptr when packed
+  const int32_t* cu;    // (B + 1,), or nullptr when dense
+  int64_t S;            // dense: tokens per row
+  int64_t batch_stride;  // dense: elements between rows of hidden
+  int64_t token_stride;  // elements between tokens of hidden
+
+  int64_t begin(int64_t b) const { return cu ? cu[b] : 0; }
+  int64_t end(int64_t b) const { return cu ? cu[b + 1] : S; }
+  bool real(int64_t b, int64_t s) const { return mask == nullptr || mask[b * S + s] != 0; }
+  int64_t offset(int64_t b, int64_t s) const { return (cu ? 0 : b * batch_stride) + s * token_stride; }
+  int64_t count(int64_t b) const {
+    if (cu) return cu[b + 1] - cu[b];
+    int64_t n = 0;
+    for (int64_t s = 0; s < S; ++s) n += mask[b * S + s] != 0;
+    return n;
+  }
+};
+
+// acc[0, n) += x[0, n) in fp32.
+template <typename T>
+inline void accumulate(const T* x, float* acc, int64_t n) {
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    Vec a, c;
+    load2(x + j, a, c);
+    (Vec::loadu(acc + j) + a).store(acc + j);
+    (Vec::loadu(acc + j + kVec) + c).store(acc + j + kVec);
+  }
+  for (; j < n; ++j) acc[j] += static_cast<float>(x[j]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+// Pass 1: sum[b] = sum of hidden over b's real tokens, into sum (B, D) fp32.
+template <typename T>
+void sum_tokens(const T* hidden, const Sequences& seq, int64_t B, int64_t D, float* sum) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks_wanted = std::min((4 * threads + B - 1) / B, std::max<int64_t>(1, D / kMinChunkCols));
+  const int64_t chunk_cols = (((D + chunks_wanted - 1) / chunks_wanted + kStep - 1) / kStep) * kStep;
+  const int64_t chunks = (D + chunk_cols - 1) / chunk_cols;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t b = unit / chunks, c0 = (unit % chunks) * chunk_cols, n = std::min(chunk_cols, D - c0);
+      float* acc = sum + b * D + c0;
+      std::fill(acc, acc + n, 0.f);
+      for (int64_t s = seq.begin(b), end = seq.end(b); s < end; ++s) {
+        if (seq.real(b, s)) accumulate(hidden + seq.offset(b, s) + c0, acc, n);
+      }
+    }
+  });
+}
+
+// Pass 2, in place: mean[b] = sum[b] / count (0 for no token); out[b] = mean[b], or mean[b] / max(||mean[b]||,
+// 1e-12) with normalize, rounded to T.
+template <typename T>
+void finish_rows(const Sequences& seq, int64_t B, int64_t D, bool normalize, float* mean, T* out) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float* m = mean + b * D;
+      const int64_t count = seq.count(b);
+      const float inv_count = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+      at::vec::map([inv_count](Vec v) { return v * Vec(inv_count); }, m, m, D);
+      const float denom = normalize ? std::max(std::sqrt(dot(m, m, D)), kNormEps) : 1.f;
+      for (int64_t j = 0; j < D; ++j) out[b * D + j] = static_cast<T>(normalize ? m[j] / denom : m[j]);
+    }
+  });
+}
+
+// g[b] = dL/dmean[b] / count, rounded to T, for every row. Without normalize dL/dmean = dout; with it, the
+// derivative of mean / max(n, eps), n = ||mean||: (dout - y (y . dout)) / n when n >= eps (torch's clamp_min
+// passes the gradient at equality), dout / eps on the clamped branch, y being the fp32 normalized mean.
+template <typename T>
+void row_gradients(const T* dout, const float* mean, const Sequences& seq, int64_t B, int64_t D, T* g) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> dy(D), y(D);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t count = seq.count(b);
+      const float inv_count = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+      for (int64_t j = 0; j < D; ++j) dy[j] = static_cast<float>(dout[b * D + j]);
+      float shift = 0.f, scale = inv_count;
+      if (mean) {
+        const float* m = mean + b * D;
+        const float n = std::sqrt(dot(m, m, D));
+        const float c = std::max(n, kNormEps);
+        for (int64_t j = 0; j < D; ++j) y[j] = m[j] / c;
+        shift = n >= kNormEps ? dot(y.data(), dy.data(), D) : 0.f;
+        scale = inv_count / c;
+      }
+      for (int64_t j = 0; j < D; ++j) g[b * D + j] = static_cast<T>((dy[j] - y[j] * shift) * scale);
+    }
+  });
+}
+
+// dhidden (tokens, D) contiguous: token t of sequence b is a copy of g[b] when real, zeros when padding.
+template <typename T>
+void broadcast_rows(const T* g, const Sequences& seq, int64_t tokens, int64_t B, int64_t D, T* dhidden) {
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    // Packed: the sequence holding token `begin` (the last b with cu[b] <= begin), then walk forward.
+    int64_t b = seq.cu ? std::upper_bound(seq.cu, seq.cu + B + 1, begin) - seq.cu - 1 : 0;
+    for (int64_t t = begin; t < end; ++t) {
+      bool real;
+      if (seq.cu) {
+        while (t >= seq.cu[b + 1]) ++b;
+        real = true;
+      } else {
+        b = t / seq.S;
+        real = seq.mask[t] != 0;
+      }
+      if (real) {
+        std::memcpy(dhidden + t * D, g + b * D, row_bytes);
+      } else {
+        std::memset(dhidden + t * D, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& hidden, const Sequences& seq, int64_t B,
+                                                bool normalize) {
+  const int64_t D = hidden.size(-1);
+  at::Tensor out = at::empty({B, D}, hidden.options());
+  at::Tensor mean = at::empty({B, D}, hidden.options().dtype(at::kFloat));
+  if (B > 0 && D > 0) {
+    CTXKERN_DISPATCH_FLOAT_TYPES(hidden.scalar_type(), "masked_mean_pool_fwd_cpu", [&] {
+      sum_tokens<scalar_t>(hidden.const_data_ptr<scalar_t>(), seq, B, D, mean.data_ptr<float>());
+      finish_rows<scalar_t>(seq, B, D, normalize, mean.data_ptr<float>(), out.data_ptr<scalar_t>());
+    });
+  }
+  // Only the backward of normalize needs the fp32 mean.
+  return {out, normalize ? mean : at::empty({B, 0}, mean.options())};
+}
+
+at::Tensor pool_backward(const at::Tensor& dout, const std::optional<at::Tensor>& mean, const Sequences& seq,
+                         int64_t tokens, at::IntArrayRef dhidden_shape) {
+  const int64_t B = dout.size(0), D = dout.size(1);
+  at::Tensor dhidden = at::empty(dhidden_shape, dout.options());
+  if (tokens == 0 || D == 0) return dhidden;
+  at::Tensor g = at::empty({B, D}, dout.options());
+  CTXKERN_DISPATCH_FLOAT_TYPES(dout.scalar_type(), "masked_mean_pool_bwd_cpu", [&] {
+    row_gradients<scalar_t>(dout.const_data_ptr<scalar_t>(), mean ? mean->const_data_ptr<float>() : nullptr, seq, B,
+                            D, g.data_ptr<scalar_t>());
+    broadcast_rows<scalar_t>(g.const_data_ptr<scalar_t>(), seq, tokens, B, D, dhidden.data_ptr<scalar_t>());
+  });
+  return dhidden;
+}
+
+// The kernels trust cu_seqlens to delimit hidden's rows, so its values are checked here (the CPU reads them anyway).
+void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total) {
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const int64_t B = cu_seqlens.size(0) - 1;
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens must start at 0, got ", cu[0]);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cu[b + 1] >= cu[b], "cu_seqlens must be non-decreasing, but cu_seqlens[", b + 1, "] = ", cu[b + 1],
+                " < cu_seqlens[", b, "] = ", cu[b]);
+  }
+  TORCH_CHECK(cu[B] == total, "cu_seqlens must end at hidden's length ", total, ", got ", cu[B]);
+}
+
+Sequences dense_sequences(const at::Tensor& mask, const at::Tensor* hidden) {
+  return {reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()), nullptr, mask.size(1),
+          hidden ? hidden->stride(0) : 0, hidden ? hidden->stride(1) : 0};
+}
+
+Sequences packed_sequences(const at::Tensor& cu_seqlens, const at::Tensor* hidden) {
+  return {nullptr, cu_seqlens.const_data_ptr<int32_t>(), 0, 0, hidden ? hidden->stride(0) : 0};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_mean_pool_fwd_cpu(const at::Tensor& hidden, const at::Tensor& mask,
+                                                            bool normalize) {
+  check_pool_hidden(hidden, 3, at::kCPU);
+  check_pool_mask(mask, hidden.size(0), hidden);
+  TORCH_CHECK(mask.size(1) == hidden.size(1), "mask must have shape (", hidden.size(0), ", ", hidden.size(1),
+              "), got ", mask.sizes());
+  return pool_forward(hidden, dense_sequences(mask, &hidden), hidden.size(0), normalize);
+}
+
+at::Tensor masked_mean_pool_bwd_cpu(const at::Tensor& dout, const at::Tensor& mask,
+                                    const std::optional<at::Tensor>& mean) {
+  check_pool_bwd_args(dout, mean, at::kCPU);
+  check_pool_mask(mask, dout.size(0), dout);
+  const int64_t B = dout.size(0), S = mask.size(1), D = dout.size(1);
+  return pool_backward(dout, mean, dense_sequences(mask, nullptr), B * S, {B, S, D});
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_mean_pool_varlen_fwd_cpu(const at::Tensor& hidden,
+                                                                   const at::Tensor& cu_seqlens, bool normalize) {
+  check_pool_hidden(hidden, 2, at::kCPU);
+  check_pool_cu_seqlens(cu_seqlens, hidden);
+  check_cu_seqlens_values(cu_seqlens, hidden.size(0));
+  return pool_forward(hidden, packed_sequences(cu_seqlens, &hidden), cu_seqlens.size(0) - 1, normalize);
+}
+
+at::Tensor masked_mean_pool_varlen_bwd_cpu(const at::Tensor& dout, const at::Tensor& cu_seqlens,
+                                           const std::optional<at::Tensor>& mean, int64_t total) {
+  check_pool_bwd_args(dout, mean, at::kCPU);
+  check_pool_cu_seqlens(cu_seqlens, dout);
+  TORCH_CHECK(cu_seqlens.size(0) == dout.size(0) + 1, "cu_seqlens must have B + 1 = ", dout.size(0) + 1,
+              " entries, got ", cu_seqlens.size(0));
+  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
+  check_cu_seqlens_values(cu_seqlens, total);
+  return pool_backward(dout, mean, packed_sequences(cu_seqlens, nullptr), total, {total, dout.size(1)});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ctxkern, CPU, m) {
+  m.impl("masked_mean_pool_fwd", &masked_mean_pool_fwd_cpu);
+  m.impl("masked_mean_pool_bwd", &masked_mean_pool_bwd_cpu);
+  m.impl("masked_mean_pool_varlen_fwd", &masked_mean_pool_varlen_fwd_cpu);
+  m.impl("masked_mean_pool_varlen_bwd", &masked_mean_pool_varlen_bwd_cpu);
+}
+
+}  // namespace ctxkern
