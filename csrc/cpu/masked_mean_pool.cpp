@@ -5,9 +5,10 @@
 // padding ones without touching their hidden states, and adds each real token's columns into an fp32
 // accumulator row (L1-resident): hidden is read once, and only where mask says so. Rows are cut into column
 // chunks only when there are too few rows to give every thread several units, so a batch of 1 still uses every
-// core. A second, cheap pass per row (B x D) divides by the count and normalizes, because the norm needs the
-// whole row. sentence-transformers instead multiplies every position by the mask and sums: it reads the
-// padding, writes and re-reads a (B, S, D) product, and normalizes in another pass.
+// core. Dividing by the count and normalizing (the norm needs the whole row) follow in the same unit when it owns
+// the whole row, else in a second, cheap pass per row (B x D). sentence-transformers instead multiplies every
+// position by the mask and sums: it reads the padding, writes and re-reads a (B, S, D) product, and normalizes
+// in another pass.
 // Backward: g[b] = d(out[b]) / d(mean[b]) applied to dout[b], divided by the token count, computed once per row
 // and rounded to the storage dtype once; then each dhidden token row is a copy of g[b] (real) or zeros (padding).
 #include <ATen/ATen.h>
@@ -86,9 +87,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Pass 1: sum[b] = sum of hidden over b's real tokens, into sum (B, D) fp32.
+// mean[b] = sum[b] / count (0 for no token), in place; out[b] = mean[b], or mean[b] / max(||mean[b]||, 1e-12)
+// with normalize, rounded to T.
 template <typename T>
-void sum_tokens(const T* hidden, const Sequences& seq, int64_t B, int64_t D, float* sum) {
+void finish_row(const Sequences& seq, int64_t b, int64_t D, bool normalize, float* mean, T* out) {
+  float* m = mean + b * D;
+  const int64_t count = seq.count(b);
+  const float inv_count = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+  at::vec::map([inv_count](Vec v) { return v * Vec(inv_count); }, m, m, D);
+  const float denom = normalize ? std::max(std::sqrt(dot(m, m, D)), kNormEps) : 1.f;
+  for (int64_t j = 0; j < D; ++j) out[b * D + j] = static_cast<T>(normalize ? m[j] / denom : m[j]);
+}
+
+// The forward: sum (B, D) fp32 receives the sums, then the means; out (B, D) the result.
+template <typename T>
+void pool_rows(const T* hidden, const Sequences& seq, int64_t B, int64_t D, bool normalize, float* mean, T* out) {
   const int64_t threads = at::get_num_threads();
   const int64_t chunks_wanted = std::min((4 * threads + B - 1) / B, std::max<int64_t>(1, D / kMinChunkCols));
   const int64_t chunk_cols = (((D + chunks_wanted - 1) / chunks_wanted + kStep - 1) / kStep) * kStep;
@@ -96,28 +109,20 @@ void sum_tokens(const T* hidden, const Sequences& seq, int64_t B, int64_t D, flo
   at::parallel_for(0, B * chunks, 1, [&](int64_t unit_begin, int64_t unit_end) {
     for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
       const int64_t b = unit / chunks, c0 = (unit % chunks) * chunk_cols, n = std::min(chunk_cols, D - c0);
-      float* acc = sum + b * D + c0;
+      float* acc = mean + b * D + c0;
       std::fill(acc, acc + n, 0.f);
       for (int64_t s = seq.begin(b), end = seq.end(b); s < end; ++s) {
         if (seq.real(b, s)) accumulate(hidden + seq.offset(b, s) + c0, acc, n);
       }
+      // A unit that owns its whole row finishes it here: one parallel region instead of two, which matters on a
+      // busy machine, where every region's closing barrier may wait for a descheduled thread.
+      if (chunks == 1) finish_row(seq, b, D, normalize, mean, out);
     }
   });
-}
-
-// Pass 2, in place: mean[b] = sum[b] / count (0 for no token); out[b] = mean[b], or mean[b] / max(||mean[b]||,
-// 1e-12) with normalize, rounded to T.
-template <typename T>
-void finish_rows(const Sequences& seq, int64_t B, int64_t D, bool normalize, float* mean, T* out) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      float* m = mean + b * D;
-      const int64_t count = seq.count(b);
-      const float inv_count = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
-      at::vec::map([inv_count](Vec v) { return v * Vec(inv_count); }, m, m, D);
-      const float denom = normalize ? std::max(std::sqrt(dot(m, m, D)), kNormEps) : 1.f;
-      for (int64_t j = 0; j < D; ++j) out[b * D + j] = static_cast<T>(normalize ? m[j] / denom : m[j]);
-    }
+  if (chunks == 1) return;
+  // Rows cut into chunks are finished once all their chunks are summed.
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) finish_row(seq, b, D, normalize, mean, out);
   });
 }
 
@@ -178,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& hidden, const 
   at::Tensor mean = at::empty({B, D}, hidden.options().dtype(at::kFloat));
   if (B > 0 && D > 0) {
     CTXKERN_DISPATCH_FLOAT_TYPES(hidden.scalar_type(), "masked_mean_pool_fwd_cpu", [&] {
-      sum_tokens<scalar_t>(hidden.const_data_ptr<scalar_t>(), seq, B, D, mean.data_ptr<float>());
-      finish_rows<scalar_t>(seq, B, D, normalize, mean.data_ptr<float>(), out.data_ptr<scalar_t>());
+      pool_rows<scalar_t>(hidden.const_data_ptr<scalar_t>(), seq, B, D, normalize, mean.data_ptr<float>(),
+                          out.data_ptr<scalar_t>());
     });
   }
   // Only the backward of normalize needs the fp32 mean.
