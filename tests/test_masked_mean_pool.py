@@ -184,7 +184,8 @@ def test_empty_inputs(backend, device, shape):
 
 
 def test_cpu_kernel_at_the_benchmark_shape():
-    """(64, 256, 384), random lengths, 2 threads or more: the column-chunked split and the full-row one."""
+    """(64, 256, 384), random lengths: the full-row split (B = 64) and the column-chunked one (B = 1) forward; the
+    backward's dhidden is 24 MiB, past the size at which it is written with non-temporal stores."""
     require_backend("cpu")
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(64, 256, 384, generator=g)
@@ -194,6 +195,13 @@ def test_cpu_kernel_at_the_benchmark_shape():
         for normalize in (False, True):
             out = ops.masked_mean_pool(hidden[:b], mask[:b], normalize=normalize, backend="cpu")
             assert_fp32_close(out, masked_mean_pool_ref(hidden[:b].double(), mask[:b], normalize))
+    leaf = hidden.requires_grad_()
+    dout = torch.randn(64, 384, generator=g)
+    poison(tuple(hidden.shape), torch.float32, "cpu")
+    (grad,) = torch.autograd.grad(ops.masked_mean_pool(leaf, mask, normalize=True, backend="cpu"), leaf, dout)
+    h64 = hidden.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(masked_mean_pool_ref(h64, mask, True), h64, dout.double())
+    assert_fp32_close(grad, ref)
 
 
 # ----------------------------------------------------------------------------- sentence-transformers parity

@@ -10,7 +10,8 @@
 // position by the mask and sums: it reads the padding, writes and re-reads a (B, S, D) product, and normalizes
 // in another pass.
 // Backward: g[b] = d(out[b]) / d(mean[b]) applied to dout[b], divided by the token count, computed once per row
-// and rounded to the storage dtype once; then each dhidden token row is a copy of g[b] (real) or zeros (padding).
+// and rounded to the storage dtype once; then each dhidden token row is a copy of g[b] (real) or zeros (padding),
+// with non-temporal stores when dhidden is larger than the caches.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -33,6 +34,20 @@ constexpr int64_t kVec = Vec::size();
 constexpr int64_t kStep = 2 * kVec;  // one Vectorized<T> of fp16/bf16 widens to two of fp32
 constexpr int64_t kMinChunkCols = 64;  // a narrower column chunk would read partial cache lines per token
 constexpr float kNormEps = 1e-12f;
+// A dhidden at least this large is written with non-temporal stores (see write_row).
+constexpr int64_t kStreamBytes = 8 << 20;
+
+#if defined(CPU_CAPABILITY_AVX512)
+using Bits = __m512i;
+inline Bits load_bits(const char* p) { return _mm512_load_si512(p); }
+inline void stream_bits(char* p, Bits v) { _mm512_stream_si512(reinterpret_cast<Bits*>(p), v); }
+inline Bits zero_bits() { return _mm512_setzero_si512(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using Bits = __m256i;
+inline Bits load_bits(const char* p) { return _mm256_load_si256(reinterpret_cast<const Bits*>(p)); }
+inline void stream_bits(char* p, Bits v) { _mm256_stream_si256(reinterpret_cast<Bits*>(p), v); }
+inline Bits zero_bits() { return _mm256_setzero_si256(); }
+#endif
 
 // p[0, kStep) as two fp32 vectors.
 template <typename T>
@@ -151,10 +166,41 @@ void row_gradients(const T* dout, const float* mean, const Sequences& seq, int64
   });
 }
 
+// Whether broadcast_rows may use non-temporal stores: dhidden past the caches, and every row start and g row
+// aligned to a vector (fresh allocations are). The portable build has none.
+bool use_streaming_stores(const void* dhidden, const void* g, int64_t tokens, int64_t row_bytes) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t align = sizeof(Bits);
+  return tokens * row_bytes >= kStreamBytes && row_bytes % align == 0 &&
+         reinterpret_cast<uintptr_t>(dhidden) % align == 0 && reinterpret_cast<uintptr_t>(g) % align == 0;
+#else
+  return false;
+#endif
+}
+
+// dst[0, bytes) = src[0, bytes), or zeros when src is null. With `stream`, non-temporal stores: dhidden is only
+// written, and far larger than the caches, so this saves reading every line in before overwriting it.
+inline void write_row(char* dst, const char* src, size_t bytes, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    for (size_t j = 0; j < bytes; j += sizeof(Bits)) stream_bits(dst + j, src ? load_bits(src + j) : zero_bits());
+    return;
+  }
+#endif
+  if (src) {
+    std::memcpy(dst, src, bytes);
+  } else {
+    std::memset(dst, 0, bytes);  // +0.0 in fp32, fp16 and bf16
+  }
+}
+
 // dhidden (tokens, D) contiguous: token t of sequence b is a copy of g[b] when real, zeros when padding.
 template <typename T>
 void broadcast_rows(const T* g, const Sequences& seq, int64_t tokens, int64_t B, int64_t D, T* dhidden) {
-  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const bool stream = use_streaming_stores(dhidden, g, tokens, row_bytes);
+  const char* g_bytes = reinterpret_cast<const char*>(g);
+  char* out_bytes = reinterpret_cast<char*>(dhidden);
   at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
     // Packed: the sequence holding token `begin` (the last b with cu[b] <= begin), then walk forward.
     int64_t b = seq.cu ? std::upper_bound(seq.cu, seq.cu + B + 1, begin) - seq.cu - 1 : 0;
@@ -167,12 +213,11 @@ void broadcast_rows(const T* g, const Sequences& seq, int64_t tokens, int64_t B,
         b = t / seq.S;
         real = seq.mask[t] != 0;
       }
-      if (real) {
-        std::memcpy(dhidden + t * D, g + b * D, row_bytes);
-      } else {
-        std::memset(dhidden + t * D, 0, row_bytes);  // +0.0 in fp32, fp16 and bf16
-      }
+      write_row(out_bytes + t * row_bytes, real ? g_bytes + b * row_bytes : nullptr, row_bytes, stream);
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (stream) _mm_sfence();  // orders this thread's non-temporal stores before the parallel region ends
+#endif
   });
 }
 
