@@ -15,6 +15,24 @@ TORCH_LIBRARY(ctxkern, m) {
   //      dbias (N,) in x's dtype when has_bias, else (0,).
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor mean, Tensor rstd,"
         " bool has_bias) -> (Tensor, Tensor, Tensor)");
+
+  // Masked mean pooling: out[b] = mean of hidden[b, s] over the tokens s with mask[b, s], zeros for a row with
+  // no token; with normalize, out[b] / max(||out[b]||2, 1e-12) of the fp32 mean.
+  //   hidden: (B, S, D), last dim contiguous, any batch and token strides; mask: (B, S) bool, contiguous.
+  //   -> out (B, D) contiguous in hidden's dtype; mean (B, D) fp32, the un-normalized mean that the backward
+  //      of normalize needs, when normalize, else (B, 0).
+  m.def("masked_mean_pool_fwd(Tensor hidden, Tensor mask, bool normalize) -> (Tensor, Tensor)");
+  // Backward of masked_mean_pool_fwd: dhidden[b, s] = mask[b, s] ? g[b] : 0 with g[b] = d(out[b]) / d(mean[b])
+  // applied to dout[b], divided by the token count.
+  //   dout: (B, D) contiguous; mask as in the forward; mean: the forward's (B, D) fp32 mean, or None without
+  //   normalize. -> dhidden (B, S, D) contiguous in dout's dtype, written everywhere (zeros at padding).
+  m.def("masked_mean_pool_bwd(Tensor dout, Tensor mask, Tensor? mean) -> Tensor");
+  // The same over packed sequences: sequence b is hidden[cu_seqlens[b] : cu_seqlens[b + 1]].
+  //   hidden: (total, D), last dim contiguous, any token stride; cu_seqlens: (B + 1,) int32 contiguous,
+  //   0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = total (the CPU kernel checks; the CUDA one trusts its caller).
+  m.def("masked_mean_pool_varlen_fwd(Tensor hidden, Tensor cu_seqlens, bool normalize) -> (Tensor, Tensor)");
+  //   -> dhidden (total, D) contiguous in dout's dtype.
+  m.def("masked_mean_pool_varlen_bwd(Tensor dout, Tensor cu_seqlens, Tensor? mean, int total) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -45,3 +45,23 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class MaskedMeanPool(torch.nn.Module):
+    """Sentence embedding from token states: the mean over the real tokens, optionally L2-normalized.
+
+    forward(hidden (B, S, D), mask (B, S) bool / integer / float, nonzero = token) -> (B, D), as
+    sentence-transformers' Pooling (mean mode), followed by its Normalize when normalize=True.
+    backend (keyword-only): which ctxkern backend serves it ("auto" by default).
+    """
+
+    def __init__(self, normalize: bool = False, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.normalize = bool(normalize)
+        self.backend = _dispatch.check_choice(backend)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        return ops.masked_mean_pool(hidden, mask, normalize=self.normalize, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}, backend={self.backend!r}"

@@ -28,3 +28,27 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     if bias is not None:
         y = y + bias.to(ct)
     return y.to(x.dtype)
+
+
+def _normalize_rows(x: Tensor) -> Tensor:
+    """x / max(||x||2, 1e-12) per row: F.normalize, as sentence-transformers' Normalize module calls it."""
+    return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
+
+
+def masked_mean_pool_ref(hidden: Tensor, mask: Tensor, normalize: bool = False) -> Tensor:
+    """Mean of hidden (B, S, D) over the tokens where mask (B, S) is nonzero -> (B, D); no token gives zeros."""
+    ct = _compute_dtype(hidden.dtype)
+    keep = (mask != 0).to(ct).unsqueeze(-1)                      # (B, S, 1)
+    mean = (hidden.to(ct) * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+    return (_normalize_rows(mean) if normalize else mean).to(hidden.dtype)
+
+
+def masked_mean_pool_varlen_ref(hidden: Tensor, cu_seqlens: Tensor, normalize: bool = False) -> Tensor:
+    """Mean of each packed sequence hidden[cu_seqlens[b]:cu_seqlens[b + 1]] of hidden (total, D) -> (B, D)."""
+    ct = _compute_dtype(hidden.dtype)
+    lengths = cu_seqlens.diff().long()                           # (B,)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths,
+                                   output_size=hidden.shape[0])  # (total,) the sequence of each token
+    summed = hidden.new_zeros((lengths.numel(), hidden.shape[1]), dtype=ct).index_add(0, rows, hidden.to(ct))
+    mean = summed / lengths.clamp_min(1).to(ct).unsqueeze(-1)
+    return (_normalize_rows(mean) if normalize else mean).to(hidden.dtype)

@@ -23,6 +23,12 @@ ROW_KERNELS = [("_layer_norm_fwd_kernel", n, False) for n in (768, 4096)] + \
               [("_layer_norm_bwd_kernel", n, True) for n in (768, 4096)]
 CASE_IDS = [f"{kernel}-{dtype}-N{n}-sm_{arch}" for kernel, n, _ in ROW_KERNELS for dtype in DTYPES for arch in ARCHS] + \
            [f"_layer_norm_bwd_dwdb_kernel-{dtype}-sm_{arch}" for dtype in DTYPES for arch in ARCHS]
+# Masked mean pooling: (kernel, D, PACKED) at MiniLM and BERT-base widths, dense and packed.
+POOL_KERNELS = [(kernel, d, packed) for kernel in ("_masked_mean_pool_fwd_kernel", "_masked_mean_pool_bwd_rows_kernel",
+                                                   "_masked_mean_pool_bwd_kernel")
+                for d in (384, 768) for packed in (False, True)]
+CASE_IDS += [f"{kernel}-{dtype}-D{d}-{'packed' if packed else 'dense'}-sm_{arch}" for kernel, d, packed in POOL_KERNELS
+             for dtype in DTYPES for arch in ARCHS]
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -38,6 +44,43 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         else:
             sig[name] = "*fp32" if name in fp32_pointers else f"*{dtype}"
     return sig
+
+
+def _pool_signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Masked mean pooling: the mask is bytes, cu_seqlens int32, Mean fp32, other capitalized pointers `dtype`;
+    B, S, D and the lowercase sizes and strides i32."""
+    pointers = {"Mask": "*u8", "CuSeqlens": "*i32", "Mean": "*fp32"}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("B", "S", "D") or not name[0].isupper():
+            sig[name] = "i32"
+        else:
+            sig[name] = pointers.get(name, f"*{dtype}")
+    return sig
+
+
+def _pool_jobs() -> list:
+    """(case, kernel, dtype, constexprs, num_warps, signature function) for the masked mean pooling kernels."""
+    from ctxkern.kernels import masked_mean_pool as mmp
+
+    jobs = []
+    for name, d, packed in POOL_KERNELS:
+        block_s, block_d, num_warps = mmp._row_config(d)
+        # A packed call passes no mask (None, a constexpr); a dense one no cu_seqlens.
+        absent = {"Mask": None} if packed else {"CuSeqlens": None}
+        if name == "_masked_mean_pool_bwd_kernel":
+            bcast_d = min(block_d, mmp._BCAST_MAX_COLS)
+            consts = dict(PACKED=packed, BLOCK_T=mmp._TILE_ELEMENTS // bcast_d, BLOCK_D=bcast_d, **absent)
+            num_warps = 4
+        else:
+            count_block = mmp._COUNT_BLOCK if name == "_masked_mean_pool_bwd_rows_kernel" else block_s
+            consts = dict(NORMALIZE=True, PACKED=packed, BLOCK_S=count_block, BLOCK_D=block_d, **absent)
+        case = f"{name}-{{dtype}}-D{d}-{'packed' if packed else 'dense'}"
+        jobs += [(case.format(dtype=dtype), getattr(mmp, name), dtype, consts, num_warps, _pool_signature)
+                 for dtype in DTYPES]
+    return jobs
 
 
 def compile_all() -> dict[str, str]:
@@ -56,11 +99,12 @@ def compile_all() -> dict[str, str]:
     consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_G=ln._DWDB_BLOCK_G, BLOCK_N=ln._DWDB_BLOCK_N)
     jobs += [(f"_layer_norm_bwd_dwdb_kernel-{dtype}", ln._layer_norm_bwd_dwdb_kernel, dtype, consts, 4)
              for dtype in DTYPES]
+    jobs = [(*job, _signature) for job in jobs] + _pool_jobs()
     results = {}
-    for case, kernel, dtype, consts, num_warps in jobs:
+    for case, kernel, dtype, consts, num_warps, signature in jobs:
         for arch in ARCHS:
             try:
-                source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, consts), constexprs=consts)
+                source = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
                 results[f"{case}-sm_{arch}"] = "ok" if compiled.asm.get("cubin") else "no cubin produced"
             except Exception as err:  # reported per case by the tests below

@@ -18,7 +18,9 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../masked_mean_pool_checks.h"
 #include "layer_norm.h"
+#include "masked_mean_pool.h"
 
 namespace {
 
@@ -137,9 +139,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   return {dx, dweight, dbias};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// masked_mean_pool
+
+// Stride of dim `dim` of a hidden operand; a size-1 dim gets 0, since it is never stepped over and torch leaves
+// its stride arbitrary (which would otherwise fail the launcher's alignment test for no reason).
+int64_t step_stride(const at::Tensor& t, int64_t dim) { return t.size(dim) <= 1 ? 0 : t.stride(dim); }
+
+const uint8_t* mask_bytes(const at::Tensor& mask) { return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()); }
+
+void check_pool_columns(int64_t D) {
+  TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "hidden has too many columns for the CUDA kernels: D = ", D);
+}
+
+// Both layouts: mask (dense) or cu_seqlens (packed) says where each of the B sequences lives.
+std::tuple<at::Tensor, at::Tensor> pool_fwd_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& cu_seqlens, int64_t B, int64_t S,
+                                                 bool normalize) {
+  const int64_t D = hidden.size(-1);
+  check_pool_columns(D);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  at::Tensor out = at::empty({B, D}, hidden.options());
+  at::Tensor mean = at::empty({B, normalize ? D : 0}, hidden.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return {out, mean};
+  const int64_t tokens_per_sequence = mask ? S : (hidden.size(0) + B - 1) / B;
+  const int64_t splits = ctxkern::cuda::masked_mean_pool_fwd_splits(B, tokens_per_sequence, D, sm_count_of(hidden));
+  at::Tensor workspace = at::empty({splits, B, D}, hidden.options().dtype(at::kFloat));
+  const bool packed = cu_seqlens.has_value();
+  check_cuda(ctxkern::cuda::masked_mean_pool_fwd_launch(
+                 storage_dtype(hidden), hidden.data_ptr(), packed ? 0 : step_stride(hidden, 0),
+                 step_stride(hidden, packed ? 0 : 1), packed ? nullptr : mask_bytes(*mask),
+                 packed ? cu_seqlens->data_ptr<int32_t>() : nullptr, workspace.data_ptr<float>(), splits,
+                 out.data_ptr(), normalize ? mean.data_ptr<float>() : nullptr, B, S, D, normalize,
+                 c10::cuda::getCurrentCUDAStream()),
+             "masked_mean_pool_fwd kernel launch");
+  return {out, mean};
+}
+
+at::Tensor pool_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& mean,
+                         const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                         int64_t tokens, at::IntArrayRef dhidden_shape) {
+  const int64_t B = dout.size(0), D = dout.size(1);
+  check_pool_columns(D);
+  const c10::cuda::CUDAGuard guard(dout.device());
+  at::Tensor dhidden = at::empty(dhidden_shape, dout.options());
+  if (tokens == 0 || D == 0) return dhidden;
+  at::Tensor g = at::empty({B, D}, dout.options());
+  check_cuda(ctxkern::cuda::masked_mean_pool_bwd_launch(
+                 storage_dtype(dout), dout.data_ptr(), mean ? mean->data_ptr<float>() : nullptr,
+                 mask ? mask_bytes(*mask) : nullptr, cu_seqlens ? cu_seqlens->data_ptr<int32_t>() : nullptr,
+                 g.data_ptr(), dhidden.data_ptr(), tokens, B, mask ? mask->size(1) : 0, D, sm_count_of(dout),
+                 c10::cuda::getCurrentCUDAStream()),
+             "masked_mean_pool_bwd kernel launch");
+  return dhidden;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_mean_pool_fwd_cuda(const at::Tensor& hidden, const at::Tensor& mask,
+                                                             bool normalize) {
+  ctxkern::check_pool_hidden(hidden, 3, at::kCUDA);
+  ctxkern::check_pool_mask(mask, hidden.size(0), hidden);
+  TORCH_CHECK(mask.size(1) == hidden.size(1), "mask must have shape (", hidden.size(0), ", ", hidden.size(1),
+              "), got ", mask.sizes());
+  return pool_fwd_cuda(hidden, mask, std::nullopt, hidden.size(0), hidden.size(1), normalize);
+}
+
+at::Tensor masked_mean_pool_bwd_cuda(const at::Tensor& dout, const at::Tensor& mask,
+                                     const std::optional<at::Tensor>& mean) {
+  ctxkern::check_pool_bwd_args(dout, mean, at::kCUDA);
+  ctxkern::check_pool_mask(mask, dout.size(0), dout);
+  const int64_t B = dout.size(0), S = mask.size(1);
+  return pool_bwd_cuda(dout, mean, mask, std::nullopt, B * S, {B, S, dout.size(1)});
+}
+
+// cu_seqlens' values are not checked here: that would cost a device sync per call. The public op
+// (ctxkern/ops/masked_mean_pool.py) checks them once; a direct caller must pass valid ones.
+std::tuple<at::Tensor, at::Tensor> masked_mean_pool_varlen_fwd_cuda(const at::Tensor& hidden,
+                                                                    const at::Tensor& cu_seqlens, bool normalize) {
+  ctxkern::check_pool_hidden(hidden, 2, at::kCUDA);
+  ctxkern::check_pool_cu_seqlens(cu_seqlens, hidden);
+  return pool_fwd_cuda(hidden, std::nullopt, cu_seqlens, cu_seqlens.size(0) - 1, 0, normalize);
+}
+
+at::Tensor masked_mean_pool_varlen_bwd_cuda(const at::Tensor& dout, const at::Tensor& cu_seqlens,
+                                            const std::optional<at::Tensor>& mean, int64_t total) {
+  ctxkern::check_pool_bwd_args(dout, mean, at::kCUDA);
+  ctxkern::check_pool_cu_seqlens(cu_seqlens, dout);
+  TORCH_CHECK(cu_seqlens.size(0) == dout.size(0) + 1, "cu_seqlens must have B + 1 = ", dout.size(0) + 1,
+              " entries, got ", cu_seqlens.size(0));
+  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
+  return pool_bwd_cuda(dout, mean, std::nullopt, cu_seqlens, total, {total, dout.size(1)});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd_cuda));
   m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd_cuda));
+  m.impl("masked_mean_pool_fwd", TORCH_FN(masked_mean_pool_fwd_cuda));
+  m.impl("masked_mean_pool_bwd", TORCH_FN(masked_mean_pool_bwd_cuda));
+  m.impl("masked_mean_pool_varlen_fwd", TORCH_FN(masked_mean_pool_varlen_fwd_cuda));
+  m.impl("masked_mean_pool_varlen_bwd", TORCH_FN(masked_mean_pool_varlen_bwd_cuda));
 }

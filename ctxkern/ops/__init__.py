@@ -1,4 +1,5 @@
 """The public functional ops: argument checks, backend choice, fake and autograd registration."""
 from ctxkern.ops.layer_norm import layer_norm
+from ctxkern.ops.masked_mean_pool import masked_mean_pool, masked_mean_pool_varlen
 
-__all__ = ["layer_norm"]
+__all__ = ["layer_norm", "masked_mean_pool", "masked_mean_pool_varlen"]

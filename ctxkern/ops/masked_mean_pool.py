@@ -1,0 +1,172 @@
+"""ops.masked_mean_pool and ops.masked_mean_pool_varlen: the mean of each sequence's real tokens, fp32
+accumulation, zeros for a sequence with no token, optionally L2-normalized in the same kernel.
+
+The cpu and cuda backends are the operators torch.ops.ctxkern.masked_mean_pool[_varlen]_{fwd,bwd} (schemas in
+csrc/ops.cpp), dispatched by device; the triton backend is a custom_op around kernels/masked_mean_pool.py (a
+custom_op rather than triton_op for the reason ctxkern/ops/layer_norm.py gives). All get the same fake kernels and
+autograd. The kernels take a bool (B, S) mask and int32 cu_seqlens; this layer validates once and converts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ctxkern import _dispatch
+from ctxkern.ops._checks import check_float_dtype, check_tensor
+from ctxkern.reference import masked_mean_pool_ref, masked_mean_pool_varlen_ref
+
+_INT32_MAX = 2**31 - 1
+
+
+def _fwd_fake(hidden: Tensor, index: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """index is the mask (B, S) or cu_seqlens (B + 1,): either way B is its first size (less one when packed)."""
+    b = index.shape[0] if hidden.dim() == 3 else index.shape[0] - 1
+    d = hidden.shape[-1]
+    return hidden.new_empty((b, d)), hidden.new_empty((b, d if normalize else 0), dtype=torch.float32)
+
+
+def _bwd_fake(dout: Tensor, mask: Tensor, mean: Optional[Tensor]) -> Tensor:
+    return dout.new_empty((mask.shape[0], mask.shape[1], dout.shape[1]))
+
+
+def _varlen_bwd_fake(dout: Tensor, cu_seqlens: Tensor, mean: Optional[Tensor], total: int) -> Tensor:
+    return dout.new_empty((total, dout.shape[1]))
+
+
+@torch.library.custom_op("ctxkern::masked_mean_pool_fwd_triton", mutates_args=())
+def _fwd_triton(hidden: Tensor, mask: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    from ctxkern.kernels.masked_mean_pool import masked_mean_pool_fwd_triton
+
+    return masked_mean_pool_fwd_triton(hidden, mask, normalize)
+
+
+@torch.library.custom_op("ctxkern::masked_mean_pool_bwd_triton", mutates_args=())
+def _bwd_triton(dout: Tensor, mask: Tensor, mean: Optional[Tensor]) -> Tensor:
+    from ctxkern.kernels.masked_mean_pool import masked_mean_pool_bwd_triton
+
+    return masked_mean_pool_bwd_triton(dout, mask, mean)
+
+
+@torch.library.custom_op("ctxkern::masked_mean_pool_varlen_fwd_triton", mutates_args=())
+def _varlen_fwd_triton(hidden: Tensor, cu_seqlens: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    from ctxkern.kernels.masked_mean_pool import masked_mean_pool_varlen_fwd_triton
+
+    return masked_mean_pool_varlen_fwd_triton(hidden, cu_seqlens, normalize)
+
+
+@torch.library.custom_op("ctxkern::masked_mean_pool_varlen_bwd_triton", mutates_args=())
+def _varlen_bwd_triton(dout: Tensor, cu_seqlens: Tensor, mean: Optional[Tensor], total: int) -> Tensor:
+    from ctxkern.kernels.masked_mean_pool import masked_mean_pool_varlen_bwd_triton
+
+    return masked_mean_pool_varlen_bwd_triton(dout, cu_seqlens, mean, total)
+
+
+def _register(fwd_name: str, bwd_name: str, packed: bool) -> None:
+    """Fake kernels for both operators, and the backward operator as the forward one's autograd."""
+    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        hidden, index, normalize = inputs
+        _out, mean = output
+        ctx.save_for_backward(index, mean if normalize else None)
+        ctx.total = hidden.shape[0]
+
+    def backward(ctx, dout, _dmean):
+        index, mean = ctx.saved_tensors
+        dout = dout.contiguous()
+        dhidden = bwd_op(dout, index, mean, ctx.total) if packed else bwd_op(dout, index, mean)
+        return dhidden, None, None
+
+    torch.library.register_fake(fwd_name, _fwd_fake)
+    torch.library.register_fake(bwd_name, _varlen_bwd_fake if packed else _bwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# backend -> forward operator, dense and packed
+_FWD = {"triton": torch.ops.ctxkern.masked_mean_pool_fwd_triton}
+_VARLEN_FWD = {"triton": torch.ops.ctxkern.masked_mean_pool_varlen_fwd_triton}
+_register("ctxkern::masked_mean_pool_fwd_triton", "ctxkern::masked_mean_pool_bwd_triton", packed=False)
+_register("ctxkern::masked_mean_pool_varlen_fwd_triton", "ctxkern::masked_mean_pool_varlen_bwd_triton", packed=True)
+if _dispatch.HAS_EXTENSION:
+    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.masked_mean_pool_fwd
+    _VARLEN_FWD["cpu"] = _VARLEN_FWD["cuda"] = torch.ops.ctxkern.masked_mean_pool_varlen_fwd
+    _register("ctxkern::masked_mean_pool_fwd", "ctxkern::masked_mean_pool_bwd", packed=False)
+    _register("ctxkern::masked_mean_pool_varlen_fwd", "ctxkern::masked_mean_pool_varlen_bwd", packed=True)
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    """hidden with a contiguous last dim (the kernels' only layout requirement); a copy only when needed."""
+    return hidden if hidden.shape[-1] <= 1 or hidden.stride(-1) == 1 else hidden.contiguous()
+
+
+def _check_hidden(hidden: Tensor, dims: int, layout: str) -> None:
+    check_tensor(hidden, "hidden")
+    if hidden.dim() != dims:
+        raise ValueError(f"hidden must be {dims}-D {layout}, got shape {tuple(hidden.shape)}")
+    check_float_dtype(hidden, "hidden")
+
+
+def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, backend: str = "auto") -> Tensor:
+    """Mean of hidden (B, S, D) over the tokens where mask (B, S) is nonzero -> (B, D) in hidden's dtype.
+
+    mask may be bool, integer or float (Hugging Face's attention_mask as is); nonzero = token. Accumulates in
+    fp32; a row with no token gives zeros. normalize=True returns x / max(||x||2, 1e-12) of the fp32 mean.
+    Differentiable in hidden. backend: "auto", "torch", "cpu", "cuda" or "triton".
+    """
+    _check_hidden(hidden, 3, "(B, S, D)")
+    check_tensor(mask, "mask")
+    if tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"mask must have shape (B, S) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.device != hidden.device:
+        raise ValueError(f"mask must be on hidden's device {hidden.device}, got {mask.device}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be bool, integer or float, got {mask.dtype}")
+    name = _dispatch.resolve(backend, hidden.device)
+    if name == "torch" or hidden.numel() == 0:
+        return masked_mean_pool_ref(hidden, mask, normalize)
+    keep = mask if mask.dtype == torch.bool and mask.is_contiguous() else (mask != 0).contiguous()
+    out, _mean = _FWD[name](_rows(hidden), keep, bool(normalize))
+    return out
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, hidden: Tensor) -> None:
+    check_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D (B + 1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens must be on hidden's device {hidden.device}, got {cu_seqlens.device}")
+    total = hidden.shape[0]
+    if total > _INT32_MAX:
+        raise ValueError(f"hidden has {total} tokens; cu_seqlens is int32 in the kernels, so at most {_INT32_MAX}")
+    if torch.compiler.is_compiling():
+        # Reading the values would break the graph; the CPU kernel checks them itself.
+        return
+    # One read of the values (a device sync on a GPU): the kernels trust cu_seqlens to delimit hidden's rows.
+    first, decreasing, last = torch.stack([cu_seqlens[0] != 0, (cu_seqlens.diff() < 0).any(),
+                                           cu_seqlens[-1] != total]).tolist()
+    if first:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+    if decreasing:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if last:
+        raise ValueError(f"cu_seqlens must end at hidden's length {total}, got {int(cu_seqlens[-1])}")
+
+
+def masked_mean_pool_varlen(hidden: Tensor, cu_seqlens: Tensor, *, normalize: bool = False,
+                            backend: str = "auto") -> Tensor:
+    """Mean of each packed sequence hidden[cu_seqlens[b]:cu_seqlens[b + 1]] of hidden (total, D) -> (B, D).
+
+    cu_seqlens: (B + 1,) int32 or int64, starting at 0, non-decreasing, ending at total (flash-attn's varlen
+    convention); checking it reads its values, a device sync on a GPU. Otherwise as masked_mean_pool.
+    """
+    _check_hidden(hidden, 2, "(total, D)")
+    _check_cu_seqlens(cu_seqlens, hidden)
+    name = _dispatch.resolve(backend, hidden.device)
+    if name == "torch" or hidden.numel() == 0:
+        return masked_mean_pool_varlen_ref(hidden, cu_seqlens, normalize)
+    out, _mean = _VARLEN_FWD[name](_rows(hidden), cu_seqlens.to(torch.int32).contiguous(), bool(normalize))
+    return out
