@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers")
     bench.add_argument("--op", help="one op (default: all)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--out", default="bench-out", help="folder for <date>-<device>.json, .md and .png")
+    bench.add_argument("--out", default="bench-out", help="folder for <date>-<device>[-<op>].json, .md and .png")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")

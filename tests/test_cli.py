@@ -24,9 +24,10 @@ def test_bench_writes_json_markdown_and_png(tmp_path):
     proc = ctxkern_cli("bench", "--op", "layer_norm", "--device", "cpu", "--quick", "--no-compile",
                        "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    [json_path] = tmp_path.glob("*-cpu.json")
+    [json_path] = tmp_path.glob("*-cpu-layer_norm.json")
     result = json.loads(json_path.read_text())
-    assert {"device", "commit", "torch", "peak", "rows"} <= result.keys()
+    assert {"device", "ops", "commit", "torch", "peak", "rows"} <= result.keys()
+    assert result["ops"] == ["layer_norm"]
     assert result["peak"]["copy_gbps"] > 0 and result["peak"]["bf16_tflops"] > 0
     rows = result["rows"]
     assert {r["op"] for r in rows} == {"layer_norm_fwd", "layer_norm_fwd_residual", "layer_norm_bwd"}

@@ -60,5 +60,5 @@ def run(ops: list[str], device: str, *, quick: bool = False, with_compile: bool 
             rows += run_case(case, device, peaks)
     name = device_name(device)
     return {"device": name, "device_slug": "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()),
-            "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "ops": ops, "commit": git_commit(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "allocator": allocator, "peak": peaks, "rows": rows}

@@ -37,7 +37,7 @@ def _ratio_cell(value, scale: float, suffix: str) -> str:
 
 def table_lines(rows: list[dict]) -> list[list[str]]:
     return [[r["op"], r["shape"], r["dtype"], r["backend"] + ("" if r["baseline"] else " *"), _time_cell(r),
-             _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".1f"), _ratio_cell(r["speedup_vs_torch"], 1, "x"),
+             _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".3g"), _ratio_cell(r["speedup_vs_torch"], 1, "x"),
              _ratio_cell(r["peak_fraction"], 100, "%")] for r in rows]
 
 
@@ -88,7 +88,10 @@ def plot(result: dict, path: Path) -> None:
 
 def write(result: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{result['date']}-{result['device_slug']}"
+    # A run of one op is named after it, so it does not replace a whole-suite run of the same day and device.
+    ops = result.get("ops", [])
+    suffix = f"-{ops[0]}" if len(ops) == 1 else ""
+    stem = out_dir / f"{result['date']}-{result['device_slug']}{suffix}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     public = {k: v for k, v in result.items() if k != "device_slug"}
     paths[0].write_text(json.dumps(public, indent=2) + "\n")
