@@ -43,6 +43,15 @@ def _sequence_bounds(CU_Q, CU_K, b, Sq, Sk, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation. PRECISION "upcast" (interpreted bf16 only) multiplies the bf16 values in
+    fp32, exactly as tensor cores do: the interpreter's bf16 tl.dot multiplies the raw bit patterns."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """(len(rows), len(cols)) bool: query row i may see key j (in range, not padding, not after the diagonal)."""
     ok = (cols < k_len)[None, :]
@@ -117,7 +126,7 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
         k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale_log2
         s = tl.where(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK), s,
                      float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,7 +136,7 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
 
     sees_a_key = l_i > 0
@@ -209,13 +218,13 @@ def _attention_bwd_dkdv_kernel(
         # +inf for rows out of range makes their P exactly 0, like rows that see no key.
         lse = tl.load(Lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        s_t = _dot(k, tl.trans(q), PRECISION) * (scale * 1.4426950408889634)
         allowed_t = tl.trans(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK))
         p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION)
+        dp_t = _dot(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
 
     out_offsets = b64 * stride_dkb + h * stride_dkh + k_rows[:, None] * stride_dks + dims[None, :]
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
@@ -283,12 +292,12 @@ def _attention_bwd_dq_kernel(
         kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
         k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        s = _dot(q, tl.trans(k), PRECISION) * (scale * 1.4426950408889634)
         allowed = _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
 
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_mask)
@@ -320,9 +329,12 @@ def _bwd_tile_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> di
                 num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (the default, tf32, keeps 10 mantissa bits: 1e-3 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The products' precision: exact fp32 for fp32 inputs (the default, tf32, keeps 10 mantissa bits: 1e-3
+    relative error); fp16/bf16 ones go to tensor cores as they are ("tf32" is then ignored)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and device.type == "cpu" else "tf32"
 
 
 def _strides4(t: Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -356,7 +368,7 @@ def _fwd(q, k, v, mask, cu_q, cu_k, batch, sq, sk, causal, scale, varlen):
         *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
         0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b,
         h, sq, sk, d, scale * _LOG2E,
-        CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype), **cfg)
+        CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
     return out, lse
 
 
@@ -373,7 +385,7 @@ def _bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, batch, sq, sk, causal, scale
     delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()
     mask_u8, kv_end, stride_mask_b = _mask_args(mask)
     cfg = _bwd_tile_config(d, q.dtype, q.device.type == "cpu")
-    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype), **cfg)
+    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
     strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(dout, varlen))
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b)
     _attention_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), batch * h)](
