@@ -64,6 +64,31 @@ def _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL: tl.conste
 
 
 @triton.jit
+def _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, b, k_len, q_len, Mask, stride_mask_b,
+                   stride_ks, stride_vs, qk_scale_log2, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax over keys [start_n, start_n + BLOCK_N): K, V point at the sequence's
+    first key of this head. MASKED = False: every row sees every key of the block."""
+    cols = start_n + offs_n
+    kv_mask = dim_ok[None, :]
+    if MASKED:
+        kv_mask = kv_mask & (cols < k_len)[:, None]
+    k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale_log2
+    if MASKED:
+        s = tl.where(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no allowed key yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,  # (B, Sq, H, D) strided, or (total_q, H, D) when IS_VARLEN (stride_qb = 0); last dim contiguous
     K,  # (B, Sk, H, D) / (total_k, H, D), like Q
@@ -119,25 +144,26 @@ def _attention_fwd_kernel(
     if HAS_MASK:
         hi = tl.minimum(hi, tl.load(KvEnd + b))
 
+    # Blocks before `full_end` are seen whole by every row (in range, below the diagonal, no padding mask)
+    # and skip the masking; the rest, up to `hi`, are masked key by key.
+    full_end = k_len // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        full_end = tl.minimum(full_end, tl.maximum(0, pid_m * BLOCK_M + k_len - q_len + 1) // BLOCK_N * BLOCK_N)
+    if HAS_MASK:
+        full_end = 0
+    full_end = tl.minimum(full_end, hi)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale_log2
-        s = tl.where(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK), s,
-                     float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no allowed key yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, b, k_len, q_len,
+                                       Mask, stride_mask_b, stride_ks, stride_vs, qk_scale_log2,
+                                       CAUSAL, HAS_MASK, PRECISION, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, b, k_len, q_len,
+                                       Mask, stride_mask_b, stride_ks, stride_vs, qk_scale_log2,
+                                       CAUSAL, HAS_MASK, PRECISION, True)
 
     sees_a_key = l_i > 0
     out = acc / tl.where(sees_a_key, l_i, 1.0)[:, None]
