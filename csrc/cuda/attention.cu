@@ -9,8 +9,8 @@
 // registers, rescales its 16 x D output accumulator and adds P V. The S x S score matrix never exists.
 //
 // Skipped work: keys >= 1 + the last real key of the sequence (padding) and, when causal, keys beyond the
-// block's last diagonal are never loaded; blocks of padding only are skipped; key blocks with no masked key
-// for a warp take a branch without per-element masks.
+// block's last diagonal are never loaded; blocks of padding only are skipped; in a key block where nothing
+// is masked for a warp's rows, the per-element mask test is skipped.
 //
 // Empty rows: a query row that sees no key keeps m = -inf and l = 0; it stores out = 0 and lse = +inf.
 #include "attention.h"
