@@ -388,7 +388,7 @@ def test_unsupported_head_dim_on_cuda_names_it():
 
 
 @pytest.mark.parametrize("cu_q,cu_k,max_q,match", [
-    ([0, 5, 12], [0, 5], 7, r"cu_seqlens_k must have cu_seqlens_q's length"),
+    ([0, 5, 12], [0, 6, 6, 12], 7, r"cu_seqlens_k must have cu_seqlens_q's length"),
     ([1, 5, 12], [0, 5, 12], 7, r"cu_seqlens_q must start at 0"),
     ([0, 8, 5, 12], [0, 4, 4, 12], 7, r"cu_seqlens_q must be non-decreasing"),
     ([0, 5, 11], [0, 5, 12], 7, r"cu_seqlens_q must end at the total row count 12"),
