@@ -2,8 +2,8 @@
 
 Forward: each program owns a block of query rows of one (sequence, head) and streams the key/value blocks
 that those rows may see through an online softmax, so the scores never exist beyond one tile; it saves the
-log-sum-exp (fp32, +inf for a row that sees no key). Backward: P is recomputed from the saved log-sum-exp;
-one kernel owns a key block and accumulates its dk, dv over the query blocks that see it, another owns a
+log-sum-exp (fp32, +inf for a row that sees no key). Backward: a small kernel computes each row's
+delta = rowsum(dout * out); P is recomputed from the saved log-sum-exp; one kernel owns a key block and accumulates its dk, dv over the query blocks that see it, another owns a
 query block and accumulates its dq, so no gradient needs atomics.
 
 One set of kernels serves both layouts. Dense tensors are (B, S, H, D) with any batch/sequence/head
@@ -171,6 +171,42 @@ def _attention_fwd_kernel(
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     lse = tl.where(sees_a_key, (m_i + tl.log2(tl.where(sees_a_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
     tl.store(Lse + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out,  # (B, Sq, H, D) or (total_q, H, D), the forward's output
+    DOut,  # like Out, strided, last dim contiguous
+    Delta,  # (B, H, Sq) or (H, total_q) fp32, like the forward's Lse
+    CuQ, CuK,  # as in the forward
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    H, Sq, Sk, D,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (m, b * H + h) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence b, head h:
+    # delta = rowsum(dout * out), the softmax-backward term every key of a row shares, in fp32.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, q_len, _k_start, _k_len = _sequence_bounds(CuQ, CuK, b, Sq, Sk, IS_VARLEN)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    tile_mask = (rows < q_len)[:, None] & (dims < D)[None, :]
+    b64 = b.to(tl.int64)
+    q_rows = (q_start + rows).to(tl.int64)
+    o = tl.load(Out + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + dims[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + dims[None, :],
+                 mask=tile_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * stride_lb + h * stride_lh + q_start + rows, delta, mask=rows < q_len)
 
 
 @triton.jit
@@ -406,14 +442,15 @@ def _bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, batch, sq, sk, causal, scale
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta = rowsum(dout * out), the softmax-backward term shared by every key of a row, in lse's layout.
-    delta = (dout.float() * out.float()).sum(-1)
-    delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()
     mask_u8, kv_end, stride_mask_b = _mask_args(mask)
     cfg = _bwd_tile_config(d, q.dtype, q.device.type == "cpu")
+    lse_strides = (0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b)
+    delta = torch.empty_like(lse)
+    _attention_bwd_delta_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)](
+        out, dout, delta, cu_q, cu_k, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides[:2],
+        h, sq, sk, d, IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
     common = dict(CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
     strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(dout, varlen))
-    lse_strides = (0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b)
     _attention_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), batch * h)](
         q, k, v, dout, lse, delta, dk, dv, mask_u8, kv_end, cu_q, cu_k,
         *strides, *_strides4(dk, varlen), *lse_strides, h, sq, sk, d, scale, **common)

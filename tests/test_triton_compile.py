@@ -24,7 +24,8 @@ ROW_KERNELS = [("_layer_norm_fwd_kernel", n, False) for n in (768, 4096)] + \
 # Attention kernels at the head dims the tile configs branch on, with every feature on (padding mask, causal,
 # varlen) so that each branch is lowered.
 ATTENTION_KERNELS = [(kernel, d) for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
-                                                "_attention_bwd_dq_kernel") for d in (64, 128)]
+                                                "_attention_bwd_delta_kernel", "_attention_bwd_dq_kernel")
+                     for d in (64, 128)]
 CASE_IDS = [f"{kernel}-{dtype}-N{n}-sm_{arch}" for kernel, n, _ in ROW_KERNELS for dtype in DTYPES for arch in ARCHS] + \
            [f"_layer_norm_bwd_dwdb_kernel-{dtype}-sm_{arch}" for dtype in DTYPES for arch in ARCHS] + \
            [f"{kernel}-{dtype}-D{d}-sm_{arch}" for kernel, d in ATTENTION_KERNELS for dtype in DTYPES for arch in ARCHS]
@@ -81,6 +82,7 @@ def _attention_jobs() -> list:
             consts = dict(CAUSAL=True, HAS_MASK=True, IS_VARLEN=True, PRECISION=attn._precision(
                 torch_dtypes[dtype], torch.device("cuda")), **tiles)
             kernel = getattr(attn, name)
+            consts = {key: value for key, value in consts.items() if key in kernel.arg_names}
             jobs.append((f"{name}-{dtype}-D{d}", kernel, _attention_signature(kernel, dtype, consts), consts, options))
     return jobs
 
