@@ -1,12 +1,13 @@
 // Fused attention forward (FlashAttention-2 structure) for dense, padded, causal and variable-length input.
 //
-// Ownership. A CTA owns one block of kRows = 16 * kWarps consecutive queries of one (sequence b, head h);
-// warp w owns query rows [16 w, 16 w + 16) of that block and lane (g, t) = (lane / 4, lane % 4) owns rows
-// g and g + 8 of the warp's strip (see attention_tile.cuh for the fragment layout). The CTA streams the
-// sequence's keys in blocks of kCols through shared memory (K and V double-buffered with cp.async, the Q
-// block loaded once); per key block each warp computes its 16 x kCols scores S = Q K^T on tensor cores
-// (CUDA cores for fp32), masks, updates the running row max m and row sum l of the online softmax in
-// registers, rescales its 16 x D output accumulator and adds P V. The S x S score matrix never exists.
+// Ownership. A CTA owns one block of kRows = 16 * kStrips * kWarps consecutive queries of one (sequence b,
+// head h); warp w owns kStrips 16-row strips, rows [16 kStrips w, 16 kStrips (w + 1)) of that block, and
+// lane (g, t) = (lane / 4, lane % 4) owns rows g and g + 8 of each strip (attention_tile.cuh has the
+// fragment layout). The CTA streams the sequence's keys in blocks of kCols through shared memory (K and V
+// double-buffered with cp.async, the Q block loaded once). Per key block each warp computes its scores
+// S = Q K^T (16 x kCols per strip) on tensor cores (CUDA cores for fp32), masks them, updates the running
+// row max m and row sum l of the online softmax in registers, rescales its 16 x D output accumulators and
+// adds P V. The S x S score matrix never exists.
 //
 // Skipped work: keys >= 1 + the last real key of the sequence (padding) and, when causal, keys beyond the
 // block's last diagonal are never loaded; blocks of padding only are skipped; in a key block where nothing
@@ -23,25 +24,28 @@ namespace cuda {
 namespace attn {
 namespace {
 
-// kWarps warps, kCols keys per streamed block; smem: Q block, then 2 stages of K, then 2 stages of V.
-template <typename T, int D, int kWarps, int kCols>
+// kWarps warps of kStrips 16-row strips each, kCols keys per streamed block; smem: the Q block, then 2
+// stages of K, then 2 stages of V.
+template <typename T, int D, int kWarps, int kStrips, int kCols>
 struct FwdTile {
-  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kWarpRows = 16 * kStrips;
+  static constexpr int kRows = kWarpRows * kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kLd = SmemRow<T, D>::kLd;
   static constexpr int kSmemBytes = (kRows + 4 * kCols) * kLd * static_cast<int>(sizeof(T));
-  // Resident CTAs asked of ptxas: 3 (<= 168 registers a thread) for fp16 / bf16 up to D = 64, else 2 (<= 255);
-  // a 128-register cap (4 CTAs) spills even at D = 32.
-  static constexpr int kMinBlocks = !IsF32<T>::value && D <= 64 ? 3 : 2;
+  // Resident CTAs asked of ptxas: 3 (<= 168 registers a thread) for one strip up to D = 64, else 2
+  // (<= 255); a 128-register cap (4 CTAs) spills even at D = 32.
+  static constexpr int kMinBlocks = kStrips == 1 && !IsF32<T>::value && D <= 64 ? 3 : 2;
 };
 
-template <typename T, int D, int kWarps, int kCols>
-__global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kCols>::kMinBlocks))
+template <typename T, int D, int kWarps, int kStrips, int kCols>
+__global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kStrips, kCols>::kMinBlocks))
     attention_fwd_kernel(const AttentionProblem p, const TokenTensor q, const TokenTensor k, const TokenTensor v,
                          const TokenTensor out, const RowStats lse, int m_blocks) {
-  using Tile = FwdTile<T, D, kWarps, kCols>;
+  using Tile = FwdTile<T, D, kWarps, kStrips, kCols>;
   constexpr int kRows = Tile::kRows;
   constexpr int kLd = Tile::kLd;
+  constexpr int kMS = kStrips;
   constexpr int kNT = kCols / 8;  // score n-tiles per key block
   constexpr int kDT = D / 8;      // output n-tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -62,7 +66,8 @@ __global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kCols>::kM
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int warp_row0 = m0 + 16 * warp;  // first query of the warp's strip
+  const int warp_row0 = m0 + Tile::kWarpRows * warp;  // first query of the warp's strips; strip ms starts
+                                                      // 16 ms rows later
 
   const T* q_blk = token_row<const T>(q, b, h, s.q_tok0 + m0);
   const T* k_seq = token_row<const T>(k, b, h, s.k_tok0);
@@ -82,10 +87,15 @@ __global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kCols>::kM
   }
   cp_async_commit();
 
-  float o_acc[kDT][4];
-  zero(o_acc);
-  float row_max[2] = {-INFINITY, -INFINITY};  // of rows g, g + 8, in log2 units (scores * scale * log2 e)
-  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums; the quad's total at the end
+  float o_acc[kMS][kDT][4];
+  float row_max[kMS][2];  // of rows g, g + 8 of each strip, in log2 units (scores * scale * log2 e)
+  float row_sum[kMS][2];  // this lane's partial sums; the quad's total at the end
+#pragma unroll
+  for (int ms = 0; ms < kMS; ++ms) {
+    zero(o_acc[ms]);
+    row_max[ms][0] = row_max[ms][1] = -INFINITY;
+    row_sum[ms][0] = row_sum[ms][1] = 0.f;
+  }
 
   int stage = 0;
   while (nb < n_blocks) {
@@ -96,52 +106,59 @@ __global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kCols>::kM
     __syncthreads();
 
     const int n0 = nb * kCols;
-    float sc[kNT][4];
-    zero(sc);
-    GemmNT<T, kNT, D>::run(sc, sQ + 16 * warp * kLd, kLd, sK + stage * kCols * kLd, kLd);
+    float sc[kMS][kNT][4];
+#pragma unroll
+    for (int ms = 0; ms < kMS; ++ms) zero(sc[ms]);
+    GemmNT<T, kMS, kNT, D>::run(sc, sQ + Tile::kWarpRows * warp * kLd, kLd, sK + stage * kCols * kLd, kLd);
 
     // Scale into log2 units and mask: key real, and (causal) key <= query + offset.
     uint32_t bits[kCols / 32];
     key_bits(bits, s, n0);
     const bool unmasked = all_bits(bits) && (!p.causal || n0 + kCols - 1 <= warp_row0 + s.causal_offset);
 #pragma unroll
-    for (int n = 0; n < kNT; ++n) {
+    for (int ms = 0; ms < kMS; ++ms) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = 8 * n + 2 * t + (e & 1);  // key n0 + c
-        const int row = warp_row0 + g + 8 * (e >> 1);
-        const bool visible =
-            unmasked || (((bits[n / 4] >> (8 * (n % 4) + c % 8)) & 1u) != 0 && (!p.causal || n0 + c <= row + s.causal_offset));
-        sc[n][e] = visible ? sc[n][e] * scale_log2 : -INFINITY;
+      for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = 8 * n + 2 * t + (e & 1);  // key n0 + c; bit c % 32 of bits[n / 4]
+          const int row = warp_row0 + 16 * ms + g + 8 * (e >> 1);
+          const bool visible = unmasked || (((bits[n / 4] >> (8 * (n % 4) + c % 8)) & 1u) != 0 &&
+                                            (!p.causal || n0 + c <= row + s.causal_offset));
+          sc[ms][n][e] = visible ? sc[ms][n][e] * scale_log2 : -INFINITY;
+        }
       }
     }
 
     // Online softmax: new row max, rescale what was accumulated under the old one, P = exp2(S - max).
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float blk_max = -INFINITY;
+    for (int ms = 0; ms < kMS; ++ms) {
 #pragma unroll
-      for (int n = 0; n < kNT; ++n) blk_max = fmaxf(blk_max, fmaxf(sc[n][2 * hh], sc[n][2 * hh + 1]));
-      const float new_max = fmaxf(row_max[hh], quad_max(blk_max));
-      // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 sees -inf, not NaN.
-      const float ref = new_max == -INFINITY ? 0.f : new_max;
-      const float alpha = exp2f(row_max[hh] - ref);
-      row_max[hh] = new_max;
-      float blk_sum = 0.f;
+      for (int hh = 0; hh < 2; ++hh) {
+        float blk_max = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        sc[n][2 * hh] = exp2f(sc[n][2 * hh] - ref);
-        sc[n][2 * hh + 1] = exp2f(sc[n][2 * hh + 1] - ref);
-        blk_sum += sc[n][2 * hh] + sc[n][2 * hh + 1];
-      }
-      row_sum[hh] = row_sum[hh] * alpha + blk_sum;
+        for (int n = 0; n < kNT; ++n) blk_max = fmaxf(blk_max, fmaxf(sc[ms][n][2 * hh], sc[ms][n][2 * hh + 1]));
+        const float new_max = fmaxf(row_max[ms][hh], quad_max(blk_max));
+        // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 sees -inf, not NaN.
+        const float ref = new_max == -INFINITY ? 0.f : new_max;
+        const float alpha = exp2f(row_max[ms][hh] - ref);
+        row_max[ms][hh] = new_max;
+        float blk_sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < kDT; ++n) {
-        o_acc[n][2 * hh] *= alpha;
-        o_acc[n][2 * hh + 1] *= alpha;
+        for (int n = 0; n < kNT; ++n) {
+          sc[ms][n][2 * hh] = exp2f(sc[ms][n][2 * hh] - ref);
+          sc[ms][n][2 * hh + 1] = exp2f(sc[ms][n][2 * hh + 1] - ref);
+          blk_sum += sc[ms][n][2 * hh] + sc[ms][n][2 * hh + 1];
+        }
+        row_sum[ms][hh] = row_sum[ms][hh] * alpha + blk_sum;
+#pragma unroll
+        for (int n = 0; n < kDT; ++n) {
+          o_acc[ms][n][2 * hh] *= alpha;
+          o_acc[ms][n][2 * hh + 1] *= alpha;
+        }
       }
     }
-    GemmNN<T, kDT, kNT>::run(o_acc, sc, sV + stage * kCols * kLd, kLd);
+    GemmNN<T, kMS, kDT, kNT>::run(o_acc, sc, sV + stage * kCols * kLd, kLd);
 
     __syncthreads();  // every warp is done with this stage before the next iteration's prefetch refills it
     nb = next;
@@ -150,21 +167,25 @@ __global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kCols>::kM
   cp_async_wait<0>();
 
   // Epilogue: out = acc / l (0 for an empty row) and lse = (max + log2 l) * ln 2 (+inf for an empty row).
-  float inv[2];
-  float row_lse[2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const float l = quad_sum(row_sum[hh]);
-    inv[hh] = l > 0.f ? 1.f / l : 0.f;
-    row_lse[hh] = l > 0.f ? (row_max[hh] + log2f(l)) * kLn2 : INFINITY;
-  }
-  const int rows_valid = s.len_q - warp_row0;
-  store_rows<T, kDT>(o_acc, inv, token_row<T>(out, b, h, s.q_tok0 + warp_row0), out.row, rows_valid);
-  if (t == 0) {
-    float* lse_strip = stats_row(lse, b, h, s.q_tok0 + warp_row0);
+  for (int ms = 0; ms < kMS; ++ms) {
+    float inv[2];
+    float row_lse[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      if (g + 8 * hh < rows_valid) lse_strip[g + 8 * hh] = row_lse[hh];
+      const float l = quad_sum(row_sum[ms][hh]);
+      inv[hh] = l > 0.f ? 1.f / l : 0.f;
+      row_lse[hh] = l > 0.f ? (row_max[ms][hh] + log2f(l)) * kLn2 : INFINITY;
+    }
+    const int strip_row0 = warp_row0 + 16 * ms;
+    const int rows_valid = s.len_q - strip_row0;
+    store_rows<T, kDT>(o_acc[ms], inv, token_row<T>(out, b, h, s.q_tok0 + strip_row0), out.row, rows_valid);
+    if (t == 0) {
+      float* lse_strip = stats_row(lse, b, h, s.q_tok0 + strip_row0);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        if (g + 8 * hh < rows_valid) lse_strip[g + 8 * hh] = row_lse[hh];
+      }
     }
   }
 }
@@ -192,17 +213,20 @@ __global__ void __launch_bounds__(kExtentThreads)
   }
 }
 
-// Launch configuration: 64-query blocks (4 warps) for every dtype, which also keeps short sequences (CLIP:
-// 50, 77 tokens) from wasting half a block; 64 keys per block for fp16 / bf16, 32 for fp32, which keeps its
-// twice-as-wide tiles within shared memory.
-template <typename T, int D, int kWarps, int kCols>
+// Launch configuration. fp16 / bf16: sequences of more than 64 queries take 128-query blocks of 4 warps
+// with two 16-row strips each (every K / V fragment read from shared memory feeds two tensor-core products),
+// against 64-key blocks (32 at D = 80, 96, to keep two strips of scores and outputs in registers); at D = 128
+// two strips spill even so, and shorter sequences (CLIP: 50, 77 tokens) would waste half a block: both take
+// 64-query blocks of one strip per warp and 64-key blocks. fp32: 64-query blocks of one strip, 32 keys per
+// block, which keeps its twice-as-wide tiles within shared memory.
+template <typename T, int D, int kWarps, int kStrips, int kCols>
 cudaError_t launch_fwd(const AttentionProblem& p, const TokenTensor& q, const TokenTensor& k,
                        const TokenTensor& v, const TokenTensor& out, const RowStats& lse, cudaStream_t stream) {
-  using Tile = FwdTile<T, D, kWarps, kCols>;
+  using Tile = FwdTile<T, D, kWarps, kStrips, kCols>;
   const int m_blocks = (p.max_seqlen_q + Tile::kRows - 1) / Tile::kRows;
   const int64_t grid = static_cast<int64_t>(m_blocks) * p.heads * p.batch;
   if (grid > kMaxGridX) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_fwd_kernel<T, D, kWarps, kCols>;
+  auto kernel = attention_fwd_kernel<T, D, kWarps, kStrips, kCols>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(grid), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, q, k, v, out, lse, m_blocks);
@@ -214,9 +238,12 @@ cudaError_t fwd_for_head_dim(const AttentionProblem& p, const TokenTensor& q, co
                              const TokenTensor& v, const TokenTensor& out, const RowStats& lse,
                              cudaStream_t stream) {
   if constexpr (IsF32<T>::value) {
-    return launch_fwd<T, D, 4, 32>(p, q, k, v, out, lse, stream);
+    return launch_fwd<T, D, 4, 1, 32>(p, q, k, v, out, lse, stream);
+  } else if constexpr (D == 128) {
+    return launch_fwd<T, D, 4, 1, 64>(p, q, k, v, out, lse, stream);
   } else {
-    return launch_fwd<T, D, 4, 64>(p, q, k, v, out, lse, stream);
+    if (p.max_seqlen_q <= 64) return launch_fwd<T, D, 4, 1, 64>(p, q, k, v, out, lse, stream);
+    return launch_fwd<T, D, 4, 2, (D > 64 ? 32 : 64)>(p, q, k, v, out, lse, stream);
   }
 }
 

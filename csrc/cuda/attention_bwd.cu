@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
     float dp[kNT][4];
     zero(sc);
     zero(dp);
-    GemmNT<T, kNT, D>::run(sc, sQ + 16 * warp * kLd, kLd, sK_s, kLd);
-    GemmNT<T, kNT, D>::run(dp, sdO + 16 * warp * kLd, kLd, sV + stage * kCols * kLd, kLd);
+    GemmNT<T, 1, kNT, D>::run(one_strip(sc), sQ + 16 * warp * kLd, kLd, sK_s, kLd);
+    GemmNT<T, 1, kNT, D>::run(one_strip(dp), sdO + 16 * warp * kLd, kLd, sV + stage * kCols * kLd, kLd);
 
     uint32_t bits[kCols / 32];
     key_bits(bits, s, n0);
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
         sc[n][e] = prob * (dp[n][e] - row_delta[hh]);  // dS
       }
     }
-    GemmNN<T, kDT, kNT>::run(dq_acc, sc, sK_s, kLd);
+    GemmNN<T, 1, kDT, kNT>::run(one_strip(dq_acc), one_strip(sc), sK_s, kLd);
 
     __syncthreads();
     nb = next;
@@ -192,17 +192,15 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
   const int t = lane % 4;
   const int warp_key0 = n0 + 16 * warp;
 
-  // Which of the CTA's keys are real; the warp's 16 are bits [16 w, 16 w + 16).
-  uint32_t bits[kRows / 32];
-  key_bits(bits, s, n0);
-  uint32_t warp_bits = 0;
-#pragma unroll
-  for (int w = 0; w < kRows / 32; ++w) {
-    if (w == warp / 2) warp_bits = (bits[w] >> (16 * (warp % 2))) & 0xffffu;  // a constant index: no local memory
-  }
+  // Bit r of warp_bits: the warp's key warp_key0 + r (r < 16) is real.
+  const int lane_key = warp_key0 + lane % 16;
+  const bool lane_key_real =
+      lane < 16 && lane_key < s.key_end && (s.key_mask == nullptr || s.key_mask[lane_key] != 0);
+  const uint32_t warp_bits = __ballot_sync(kFullMask, lane_key_real);
+  const bool any_key_real = __syncthreads_or(warp_bits != 0) != 0;
 
   // Query blocks that can see a real key of this CTA: all of them, or from the first key's diagonal on.
-  const int mb_end = any_bit(bits) ? (s.len_q + kCols - 1) / kCols : 0;
+  const int mb_end = any_key_real ? (s.len_q + kCols - 1) / kCols : 0;
   int mb = 0;
   if (p.causal) {
     const int64_t first_query = static_cast<int64_t>(n0) - s.causal_offset;  // first i with n0 <= i + offset
@@ -256,8 +254,8 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
     float dp[kNT][4];  // dP^T
     zero(sc);
     zero(dp);
-    GemmNT<T, kNT, D>::run(sc, sK + 16 * warp * kLd, kLd, sQ_s, kLd);
-    GemmNT<T, kNT, D>::run(dp, sV + 16 * warp * kLd, kLd, sdO_s, kLd);
+    GemmNT<T, 1, kNT, D>::run(one_strip(sc), sK + 16 * warp * kLd, kLd, sQ_s, kLd);
+    GemmNT<T, 1, kNT, D>::run(one_strip(dp), sV + 16 * warp * kLd, kLd, sdO_s, kLd);
 
     const bool unmasked =
         warp_all_real && i0 + kCols <= s.len_q && (!p.causal || warp_key0 + 15 <= i0 + s.causal_offset);
@@ -276,8 +274,8 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
         dp[n][e] = prob * (dp[n][e] - sDelta_s[c]);  // dS^T
       }
     }
-    GemmNN<T, kDT, kNT>::run(dv_acc, sc, sdO_s, kLd);
-    GemmNN<T, kDT, kNT>::run(dk_acc, dp, sQ_s, kLd);
+    GemmNN<T, 1, kDT, kNT>::run(one_strip(dv_acc), one_strip(sc), sdO_s, kLd);
+    GemmNN<T, 1, kDT, kNT>::run(one_strip(dk_acc), one_strip(dp), sQ_s, kLd);
 
     __syncthreads();
     stage ^= 1;

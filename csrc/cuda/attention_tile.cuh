@@ -129,14 +129,17 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The two tile products. Both are warp-collective (all 32 lanes, converged).
+// The two tile products. Both are warp-collective (all 32 lanes, converged). A warp may own MS 16-row strips
+// (rows [16 s, 16 s + 16) of its A operand for strip s): every B fragment loaded from shared memory then
+// feeds MS tensor-core products instead of one, which halves the shared-memory traffic per flop at MS = 2.
 
-// "NT" product, A from shared memory: acc (16 x 8 NT) += A (16 x K) * B^T, where
-//   sA: the warp's 16 rows, row-major, row stride lda;  sB: 8 NT rows of K, row-major, row stride ldb
+// "NT" product, A from shared memory: acc[s] (16 x 8 NT) += A_s (16 x K) * B^T, where
+//   sA: the warp's 16 MS rows, row-major, row stride lda;  sB: 8 NT rows of K, row-major, row stride ldb
 // (so B's column n is sB's row n: q k^T with keys as sB's rows). K % 16 == 0, NT even.
-template <typename T, int NT, int K>
+template <typename T, int MS, int NT, int K>
 struct GemmNT {
-  static __device__ __forceinline__ void run(float (&acc)[NT][4], const T* sA, int lda, const T* sB, int ldb) {
+  static __device__ __forceinline__ void run(float (&acc)[MS][NT][4], const T* sA, int lda, const T* sB,
+                                             int ldb) {
     static_assert(K % 16 == 0 && NT % 2 == 0, "mma tiles are 16 deep and loaded two n-tiles at a time");
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
     // ldmatrix row addresses: A matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in a0..a3 order;
@@ -145,14 +148,18 @@ struct GemmNT {
     const T* b_lane = sB + ((lane % 8) + (lane / 16) * 8) * ldb + ((lane / 8) % 2) * 8;
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_lane + kk * 16);
+      uint32_t a[MS][4];
+#pragma unroll
+      for (int s = 0; s < MS; ++s) ldmatrix_x4(a[s], a_lane + 16 * s * lda + kk * 16);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, b_lane + np * 16 * ldb + kk * 16);
-        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int s = 0; s < MS; ++s) {
+          mma_16816<T>(acc[s][2 * np], a[s], b[0], b[1]);
+          mma_16816<T>(acc[s][2 * np + 1], a[s], b[2], b[3]);
+        }
       }
     }
   }
@@ -160,36 +167,40 @@ struct GemmNT {
 
 // fp32 inputs: the same contract, on CUDA cores. Lane (g, t) needs rows g and g + 8 of A and rows 8 n + 2 t
 // and 8 n + 2 t + 1 of sB; K is walked four floats at a time (the rows are 16-byte aligned).
-template <int NT, int K>
-struct GemmNT<float, NT, K> {
-  static __device__ __forceinline__ void run(float (&acc)[NT][4], const float* sA, int lda, const float* sB,
+template <int MS, int NT, int K>
+struct GemmNT<float, MS, NT, K> {
+  static __device__ __forceinline__ void run(float (&acc)[MS][NT][4], const float* sA, int lda, const float* sB,
                                              int ldb) {
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
     const int g = lane / 4;
     const int t = lane % 4;
-#pragma unroll 2
-    for (int k = 0; k < K; k += 4) {
-      const float4 a0 = *reinterpret_cast<const float4*>(sA + g * lda + k);
-      const float4 a1 = *reinterpret_cast<const float4*>(sA + (g + 8) * lda + k);
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const float4 b0 = *reinterpret_cast<const float4*>(sB + (8 * n + 2 * t) * ldb + k);
-        const float4 b1 = *reinterpret_cast<const float4*>(sB + (8 * n + 2 * t + 1) * ldb + k);
-        acc[n][0] += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
-        acc[n][1] += a0.x * b1.x + a0.y * b1.y + a0.z * b1.z + a0.w * b1.w;
-        acc[n][2] += a1.x * b0.x + a1.y * b0.y + a1.z * b0.z + a1.w * b0.w;
-        acc[n][3] += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+    for (int s = 0; s < MS; ++s) {
+      const float* sA_s = sA + 16 * s * lda;
+#pragma unroll 2
+      for (int k = 0; k < K; k += 4) {
+        const float4 a0 = *reinterpret_cast<const float4*>(sA_s + g * lda + k);
+        const float4 a1 = *reinterpret_cast<const float4*>(sA_s + (g + 8) * lda + k);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const float4 b0 = *reinterpret_cast<const float4*>(sB + (8 * n + 2 * t) * ldb + k);
+          const float4 b1 = *reinterpret_cast<const float4*>(sB + (8 * n + 2 * t + 1) * ldb + k);
+          acc[s][n][0] += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
+          acc[s][n][1] += a0.x * b1.x + a0.y * b1.y + a0.z * b1.z + a0.w * b1.w;
+          acc[s][n][2] += a1.x * b0.x + a1.y * b0.y + a1.z * b0.z + a1.w * b0.w;
+          acc[s][n][3] += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+        }
       }
     }
   }
 };
 
-// "NN" product, A from registers: acc (16 x 8 NT) += P (16 x 8 KT) * B, where P is an fp32 accumulator of
-// the warp (probabilities or dS, rounded to T here) and sB holds B row-major: 8 KT rows of 8 NT columns,
-// row stride ldb (p v with keys as sB's rows). KT, NT even.
-template <typename T, int NT, int KT>
+// "NN" product, A from registers: acc[s] (16 x 8 NT) += P_s (16 x 8 KT) * B, where P_s is an fp32
+// accumulator of the warp (probabilities or dS, rounded to T here) and sB holds B row-major: 8 KT rows of
+// 8 NT columns, row stride ldb (p v with keys as sB's rows). KT, NT even.
+template <typename T, int MS, int NT, int KT>
 struct GemmNN {
-  static __device__ __forceinline__ void run(float (&acc)[NT][4], const float (&p)[KT][4], const T* sB,
+  static __device__ __forceinline__ void run(float (&acc)[MS][NT][4], const float (&p)[MS][KT][4], const T* sB,
                                              int ldb) {
     static_assert(KT % 2 == 0 && NT % 2 == 0, "mma tiles are 16 deep and loaded two n-tiles at a time");
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
@@ -198,15 +209,23 @@ struct GemmNN {
 #pragma unroll
     for (int kk = 0; kk < KT / 2; ++kk) {
       // Accumulator tiles 2 kk and 2 kk + 1 are exactly the A fragment of k-step kk.
-      const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                             pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                             pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      uint32_t a[MS][4];
+#pragma unroll
+      for (int s = 0; s < MS; ++s) {
+        a[s][0] = pack2<T>(p[s][2 * kk][0], p[s][2 * kk][1]);
+        a[s][1] = pack2<T>(p[s][2 * kk][2], p[s][2 * kk][3]);
+        a[s][2] = pack2<T>(p[s][2 * kk + 1][0], p[s][2 * kk + 1][1]);
+        a[s][3] = pack2<T>(p[s][2 * kk + 1][2], p[s][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, b_lane + kk * 16 * ldb + np * 16);
-        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int s = 0; s < MS; ++s) {
+          mma_16816<T>(acc[s][2 * np], a[s], b[0], b[1]);
+          mma_16816<T>(acc[s][2 * np + 1], a[s], b[2], b[3]);
+        }
       }
     }
   }
@@ -214,33 +233,46 @@ struct GemmNN {
 
 // fp32 inputs: P's row g lives in the quad of lane g's group, so each P value is fetched from the lane that
 // owns it with a shuffle (the register index is a compile-time constant: every lane shuffles the same one).
-template <int NT, int KT>
-struct GemmNN<float, NT, KT> {
-  static __device__ __forceinline__ void run(float (&acc)[NT][4], const float (&p)[KT][4], const float* sB,
-                                             int ldb) {
+template <int MS, int NT, int KT>
+struct GemmNN<float, MS, NT, KT> {
+  static __device__ __forceinline__ void run(float (&acc)[MS][NT][4], const float (&p)[MS][KT][4],
+                                             const float* sB, int ldb) {
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
     const int g = lane / 4;
     const int t = lane % 4;
 #pragma unroll
-    for (int kt = 0; kt < KT; ++kt) {
+    for (int s = 0; s < MS; ++s) {
 #pragma unroll
-      for (int kc = 0; kc < 8; ++kc) {
-        const int owner = g * 4 + kc / 2;  // lane holding columns 8 kt + kc of rows g and g + 8
-        const float p_g = __shfl_sync(kFullMask, p[kt][kc % 2], owner);
-        const float p_g8 = __shfl_sync(kFullMask, p[kt][2 + kc % 2], owner);
-        const float* b_row = sB + (8 * kt + kc) * ldb + 2 * t;
+      for (int kt = 0; kt < KT; ++kt) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const float2 b = *reinterpret_cast<const float2*>(b_row + 8 * n);
-          acc[n][0] += p_g * b.x;
-          acc[n][1] += p_g * b.y;
-          acc[n][2] += p_g8 * b.x;
-          acc[n][3] += p_g8 * b.y;
+        for (int kc = 0; kc < 8; ++kc) {
+          const int owner = g * 4 + kc / 2;  // lane holding columns 8 kt + kc of rows g and g + 8
+          const float p_g = __shfl_sync(kFullMask, p[s][kt][kc % 2], owner);
+          const float p_g8 = __shfl_sync(kFullMask, p[s][kt][2 + kc % 2], owner);
+          const float* b_row = sB + (8 * kt + kc) * ldb + 2 * t;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const float2 b = *reinterpret_cast<const float2*>(b_row + 8 * n);
+            acc[s][n][0] += p_g * b.x;
+            acc[s][n][1] += p_g * b.y;
+            acc[s][n][2] += p_g8 * b.x;
+            acc[s][n][3] += p_g8 * b.y;
+          }
         }
       }
     }
   }
 };
+
+// One-strip views of single-strip accumulators, for the callers that own one strip per warp.
+template <int NT>
+__device__ __forceinline__ float (&one_strip(float (&acc)[NT][4]))[1][NT][4] {
+  return reinterpret_cast<float(&)[1][NT][4]>(acc);
+}
+template <int NT>
+__device__ __forceinline__ const float (&one_strip(const float (&acc)[NT][4]))[1][NT][4] {
+  return reinterpret_cast<const float(&)[1][NT][4]>(acc);
+}
 
 template <int NT>
 __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
