@@ -18,9 +18,10 @@
 namespace ctxkern {
 namespace cuda {
 
-// A (B, S, H, D) or (total, H, D) operand; strides in elements, the last dim contiguous. The kernels read it
-// with 16-byte cp.async: data and every stride used must be multiples of 16 bytes (the glue copies an operand
-// that is not; a stride may be 0).
+// A (B, S, H, D) or (total, H, D) operand; strides in elements, the last dim contiguous. q, k, v and dout are
+// read with 16-byte cp.async: their data and every stride used must be multiples of 16 bytes (the glue copies
+// an operand that is not; a stride may be 0). out is read element by element in the backward. Outputs (out,
+// dq, dk, dv) are written two elements at a time: data and strides must be even.
 struct TokenTensor {
   void* data;
   int64_t batch;

@@ -269,7 +269,7 @@ void check_max_seqlen(int64_t value, const char* name) {
   TORCH_CHECK(value >= 0 && value <= kInt32Max, name, " must be in [0, 2^31), got ", value);
 }
 
-// The shared forward: out and lse preallocated, problem complete but for nothing; q, k, v checked.
+// Launches the forward of a complete problem: q, k, v checked, out and lse allocated.
 void run_attention_fwd(const ctxkern::cuda::AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   const at::Tensor q_in = cp_async_ready(q);
@@ -287,13 +287,11 @@ void run_attention_bwd(const ctxkern::cuda::AttentionProblem& p, const at::Tenso
   const at::Tensor q_in = cp_async_ready(q);
   const at::Tensor k_in = cp_async_ready(k);
   const at::Tensor v_in = cp_async_ready(v);
-  const at::Tensor dout_in = cp_async_ready(dout);
-  // out is read with plain loads (delta), but as a TokenTensor too; keep the same guarantees.
-  const at::Tensor out_in = cp_async_ready(out);
+  const at::Tensor dout_in = cp_async_ready(dout);  // out is only read element by element: any strides
   at::Tensor delta = at::empty_like(lse);  // rowsum(dout * out), laid out like lse
   check_cuda(ctxkern::cuda::attention_bwd_launch(
                  storage_dtype(q), p, token_tensor(q_in), token_tensor(k_in), token_tensor(v_in),
-                 token_tensor(out_in), token_tensor(dout_in), row_stats(lse), row_stats(delta), token_tensor(dq),
+                 token_tensor(out), token_tensor(dout_in), row_stats(lse), row_stats(delta), token_tensor(dq),
                  token_tensor(dk), token_tensor(dv), c10::cuda::getCurrentCUDAStream()),
              "attention_bwd kernel launch");
 }
