@@ -1,8 +1,8 @@
 // Warp-level building blocks of the attention kernels: cp.async tile loads, the two tile products every
 // kernel is made of, and the per-sequence geometry. Torch-free.
 //
-// Every product works on the fragment layout of mma.sync m16n8k16: a warp owns a 16-row strip, and an
-// accumulator "acc[NT][4]" holds its 16 x (8 NT) fp32 results with lane = 4 g + t owning
+// Every product works on the fragment layout of mma.sync m16n8k16: per 16-row strip of a warp (a warp owns
+// one or more), an accumulator "acc[NT][4]" holds the strip's 16 x (8 NT) fp32 results, lane = 4 g + t owning
 //     acc[n][0..1] = rows g,     columns 8 n + 2 t, 8 n + 2 t + 1
 //     acc[n][2..3] = rows g + 8, the same columns.
 // The fp32 path (T = float) keeps exactly this layout but computes it with CUDA-core FMAs, so the kernels
