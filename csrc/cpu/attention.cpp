@@ -9,7 +9,7 @@
 // in fp32; owning the whole head makes every gradient a single thread's, so there are no atomics and the
 // result does not depend on the schedule.
 // Padding is skipped, not masked: each key block is trimmed to the span of its real keys, and a block with
-// none is dropped; only a block with padding strictly inside its span adds the mask (0 / -inf). Causality
+// none is dropped; only a chunk with padding inside its span adds the mask (0 / -inf). Causality
 // skips the key chunks no row of the query block may see and masks only the chunks on the diagonal.
 // Tasks are dealt to the threads round-robin, so causal and variable-length work (uneven per task) is
 // spread evenly. fp16/bf16 rows are widened to fp32 tile by tile; every product and sum runs in fp32.
@@ -32,7 +32,8 @@ constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Keys [lo, hi) of one key block: its first to last real key. `padded`: some key strictly inside is padding.
+// Keys [lo, hi) of one key block: its first to last real key, the span rounded up to whole vectors where the
+// block has room. `padded`: some key inside is padding.
 struct KeyChunk {
   int64_t lo, hi;
   bool padded;
@@ -54,6 +55,8 @@ struct KeyPlan {
         while (hi > lo && !mask[hi - 1]) --hi;
       }
       if (lo == hi) continue;
+      // BLAS runs a whole number of vectors faster than a ragged tail: a few padding keys more, masked, cost less.
+      hi = std::min(std::min(sk, block + kKeyBlock), lo + (hi - lo + kVec - 1) / kVec * kVec);
       bool padded = false;
       for (int64_t j = lo; mask && j < hi; ++j) padded |= !mask[j];
       chunks.push_back({lo, hi, padded});
