@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_HEAD_DIM = 128
-_LOG2E = 1.4426950408889634
+# The softmax runs in base 2 (exp2 is one instruction): scores are scaled by log2(e) and lse converted back.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def _attention_fwd_kernel(
     out = acc / tl.where(sees_a_key, l_i, 1.0)[:, None]
     tl.store(Out + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + dims[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    lse = tl.where(sees_a_key, (m_i + tl.log2(tl.where(sees_a_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(sees_a_key, (m_i + tl.log2(tl.where(sees_a_key, l_i, 1.0))) / LOG2E, float("inf"))
     tl.store(Lse + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=row_ok)
 
 
@@ -278,9 +278,9 @@ def _attention_bwd_dkdv_kernel(
         q = tl.load(Q + rows[:, None].to(tl.int64) * stride_qs + dims[None, :], mask=q_mask, other=0.0)
         do = tl.load(DOut + rows[:, None].to(tl.int64) * stride_dos + dims[None, :], mask=q_mask, other=0.0)
         # +inf for rows out of range makes their P exactly 0, like rows that see no key.
-        lse = tl.load(Lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(Lse + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), PRECISION) * (scale * 1.4426950408889634)
+        s_t = _dot(k, tl.trans(q), PRECISION) * (scale * LOG2E)
         allowed_t = tl.trans(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK))
         p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, PRECISION)
@@ -337,7 +337,7 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + dims[None, :],
                  mask=tile_mask, other=0.0)
     stat_offsets = b64 * stride_lb + h * stride_lh + q_start + rows
-    lse = tl.load(Lse + stat_offsets, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(Lse + stat_offsets, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + stat_offsets, mask=row_ok, other=0.0)
     K += b64 * stride_kb + h * stride_kh + k_start.to(tl.int64) * stride_ks
     V += b64 * stride_vb + h * stride_vh + k_start.to(tl.int64) * stride_vs
@@ -354,7 +354,7 @@ def _attention_bwd_dq_kernel(
         kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
         k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * (scale * 1.4426950408889634)
+        s = _dot(q, tl.trans(k), PRECISION) * (scale * LOG2E)
         allowed = _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION)
@@ -430,7 +430,7 @@ def _fwd(q, k, v, mask, cu_q, cu_k, batch, sq, sk, causal, scale, varlen):
         q, k, v, out, lse, mask_u8, kv_end, cu_q, cu_k,
         *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
         0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b,
-        h, sq, sk, d, scale * _LOG2E,
+        h, sq, sk, d, scale * LOG2E.value,
         CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
     return out, lse
 
