@@ -26,7 +26,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // op(B) (k, n), each stored transposed when its flag says so. beta = 0 ignores C's old contents (even NaN).
 inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  // BLAS leading dims must cover a row even where a size-1 dim has an arbitrary stride.
+  // BLAS wants leading dims that cover a row; rows of a broadcast view (stride 0) take the plain loop below.
   const bool lds_valid = lda >= std::max<int64_t>(1, trans_a ? m : k) && ldb >= std::max<int64_t>(1, trans_b ? k : n);
   if (sgemm_ != nullptr && lds_valid) {
     // BLAS is column-major: a row-major C is the column-major C^T = op(B)^T op(A)^T, hence the swapped operands.
@@ -39,7 +39,9 @@ inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       float sum = 0.f;
-      for (int64_t l = 0; l < k; ++l) sum += (trans_a ? a[l * lda + i] : a[i * lda + l]) * (trans_b ? b[j * ldb + l] : b[l * ldb + j]);
+      for (int64_t l = 0; l < k; ++l) {
+        sum += (trans_a ? a[l * lda + i] : a[i * lda + l]) * (trans_b ? b[j * ldb + l] : b[l * ldb + j]);
+      }
       c[i * ldc + j] = alpha * sum + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
     }
   }
@@ -103,7 +105,7 @@ inline float row_max(const float* x, int64_t n) {
   return result;
 }
 
-// x[0, n) = exp(x - shift); returns the sum when `sum` is asked for. exp_u20 (about 1e-6 relative) is the
+// x[0, n) = exp(x - shift); returns their sum when kSum. exp_u20 (about 1e-6 relative) is the
 // fast exponential torch's own CPU flash attention uses; it returns 0 for -inf, so masked scores vanish.
 template <bool kSum>
 inline float exp_shifted(float* x, int64_t n, float shift) {
