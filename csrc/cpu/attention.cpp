@@ -6,17 +6,18 @@
 // no thread ever holds more than one (kQueryBlock, kKeyBlock) tile of scores: memory is O(S * D).
 // Backward (FlashAttention-2): one task owns one (sequence, head). For each key chunk it recomputes P from the
 // saved log-sum-exp block by block of queries and accumulates dK, dV of the chunk and dQ of the whole sequence
-// in fp32; owning the whole head makes every gradient a single thread's, so there are no atomics and the
+// in fp32; owning the whole head makes every gradient a single thread's, so there are no atomic adds and the
 // result does not depend on the schedule.
 // Padding is skipped, not masked: each key block is trimmed to the span of its real keys, and a block with
 // none is dropped; only a chunk with padding inside its span adds the mask (0 / -inf). Causality
 // skips the key chunks no row of the query block may see and masks only the chunks on the diagonal.
-// Tasks are dealt to the threads round-robin, so causal and variable-length work (uneven per task) is
-// spread evenly. fp16/bf16 rows are widened to fp32 tile by tile; every product and sum runs in fp32.
+// Threads claim tasks one at a time, so uneven work (causal, variable lengths) is spread evenly.
+// fp16/bf16 rows are widened to fp32 tile by tile; every product and sum runs in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -171,17 +172,17 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
   }
 }
 
-// Runs `task(t)` for t in [0, n_tasks), dealing the tasks to the threads round-robin; each thread builds one
-// `Scratch` from `make_scratch()` and passes it to every task it runs.
+// Runs `task(t, scratch)` for t in [0, n_tasks): each thread builds one scratch from `make_scratch()` and claims
+// tasks from a shared counter until none is left. Claiming (rather than a fixed split) balances uneven tasks
+// (causal, variable lengths) and lets one thread take over the share of another the OS has descheduled on a
+// busy machine. Each task writes its own outputs, so the result does not depend on who ran it.
 template <typename MakeScratch, typename Task>
 void parallel_tasks(int64_t n_tasks, MakeScratch make_scratch, Task task) {
   if (n_tasks == 0) return;
-  const int64_t n_lanes = std::min<int64_t>(at::get_num_threads(), n_tasks);
-  at::parallel_for(0, n_lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_tasks), 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
-    for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-      for (int64_t t = lane; t < n_tasks; t += n_lanes) task(t, scratch);
-    }
+    for (int64_t t = next_task++; t < n_tasks; t = next_task++) task(t, scratch);
   });
 }
 
