@@ -33,6 +33,30 @@ TORCH_LIBRARY(ctxkern, m) {
   m.def("masked_mean_pool_varlen_fwd(Tensor hidden, Tensor cu_seqlens, bool normalize) -> (Tensor, Tensor)");
   //   -> dhidden (total, D) contiguous in dout's dtype.
   m.def("masked_mean_pool_varlen_bwd(Tensor dout, Tensor cu_seqlens, Tensor? mean, int total) -> Tensor");
+  // Attention in flash-attn's layouts, with the softmax of each query row over the keys it may see.
+  //   q: (B, Sq, H, D); k, v: (B, Sk, H, D); last dim contiguous, other strides free (views of a fused QKV
+  //   projection are fine). key_padding_mask: (B, Sk) bool, contiguous, true = attend, or None.
+  //   causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned). scale multiplies q.k.
+  //   -> out (B, Sq, H, D) contiguous in q's dtype; lse (B, H, Sq) fp32, the log-sum-exp of the scaled
+  //      scores of each query row, +inf for a row that may see no key (its out is 0 and the backward's
+  //      exp(score - lse) is 0 with no special case).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale)"
+        " -> (Tensor, Tensor)");
+  // Backward of attention_fwd (FlashAttention-2: P recomputed from lse). dout: (B, Sq, H, D), last dim
+  // contiguous; out, lse as the forward returned them. -> dq, dk, dv contiguous, in q's / k's / v's shape
+  // and dtype.
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // Variable-length attention on packed sequences (flash_attn_varlen_func's convention).
+  //   q: (total_q, H, D); k, v: (total_k, H, D); last dim contiguous. cu_seqlens_q, cu_seqlens_k: int32
+  //   (B+1,) contiguous, validated by the caller (0 first, non-decreasing, ending at total); max_seqlen_q/k
+  //   >= every sequence's length. causal is bottom-right aligned per sequence.
+  //   -> out (total_q, H, D) contiguous in q's dtype; lse (H, total_q) fp32, +inf as above.
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
+        " float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -52,3 +52,43 @@ def masked_mean_pool_varlen_ref(hidden: Tensor, cu_seqlens: Tensor, normalize: b
     summed = hidden.new_zeros((lengths.numel(), hidden.shape[1]), dtype=ct).index_add(0, rows, hidden.to(ct))
     mean = summed / lengths.clamp_min(1).to(ct).unsqueeze(-1)
     return (_normalize_rows(mean) if normalize else mean).to(hidden.dtype)
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                  scale: Optional[float] = None, *, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """softmax(scale * q k^T, masked) v in flash-attn's layout: q (B, Sq, H, D), k, v (B, Sk, H, D) -> (B, Sq, H, D).
+
+    key_padding_mask (B, Sk), nonzero = attend; causal: query i sees keys j <= i + Sk - Sq (bottom-right
+    aligned). A query row that may see no key gives zeros, and no gradient flows through it. The products
+    run in compute_dtype (default: fp32, or float64 for float64 inputs); tests pass the storage dtype to get
+    PyTorch's own low-precision error, the yardstick for fp16/bf16 kernels.
+    """
+    ct = compute_dtype or _compute_dtype(q.dtype)
+    d, sq, sk = q.shape[-1], q.shape[1], k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(ct), k.to(ct)) * scale  # (B, H, Sq, Sk)
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.ones_like(allowed).tril(sk - sq)
+    allowed = allowed.expand(q.shape[0], 1, sq, sk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    # A row with no allowed key would be softmax(all -inf) = NaN, and NaN poisons its gradient even when
+    # multiplied by zero afterwards; such rows are given finite scores and then zeroed.
+    sees_a_key = allowed.any(dim=-1, keepdim=True)
+    scores = torch.where(allowed, scores, float("-inf"))
+    scores = torch.where(sees_a_key, scores, 0.0)
+    p = torch.softmax(scores, dim=-1) * allowed
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.to(ct)).to(q.dtype)
+
+
+def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         causal: bool = False, scale: Optional[float] = None, *,
+                         compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """attention_ref on each packed sequence: q (total_q, H, D), k, v (total_k, H, D), cu_seqlens int (B+1,)
+    offsets of the sequences (flash_attn_varlen_func's convention) -> (total_q, H, D)."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = [attention_ref(q[bq[i]:bq[i + 1]][None], k[bk[i]:bk[i + 1]][None], v[bk[i]:bk[i + 1]][None],
+                          causal=causal, scale=scale, compute_dtype=compute_dtype)[0]
+            for i in range(len(bq) - 1)]
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -21,14 +21,22 @@ DTYPES = ("fp32", "bf16", "fp16")
 # (kernel, N, backward tile config) for the row kernels; the dweight/dbias reduction has no N in its config.
 ROW_KERNELS = [("_layer_norm_fwd_kernel", n, False) for n in (768, 4096)] + \
               [("_layer_norm_bwd_kernel", n, True) for n in (768, 4096)]
+# Attention kernels at the head dims the tile configs branch on, with every feature on (padding mask, causal,
+# varlen) so that each branch is lowered.
+ATTENTION_KERNELS = [(kernel, d) for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                                                "_attention_bwd_delta_kernel", "_attention_bwd_dq_kernel")
+                     for d in (64, 128)]
 CASE_IDS = [f"{kernel}-{dtype}-N{n}-sm_{arch}" for kernel, n, _ in ROW_KERNELS for dtype in DTYPES for arch in ARCHS] + \
-           [f"_layer_norm_bwd_dwdb_kernel-{dtype}-sm_{arch}" for dtype in DTYPES for arch in ARCHS]
+           [f"_layer_norm_bwd_dwdb_kernel-{dtype}-sm_{arch}" for dtype in DTYPES for arch in ARCHS] + \
+           [f"{kernel}-{dtype}-D{d}-sm_{arch}" for kernel, d in ATTENTION_KERNELS for dtype in DTYPES for arch in ARCHS]
 # Masked mean pooling: (kernel, D, PACKED) at MiniLM and BERT-base widths, dense and packed.
 POOL_KERNELS = [(kernel, d, packed) for kernel in ("_masked_mean_pool_fwd_kernel", "_masked_mean_pool_bwd_rows_kernel",
                                                    "_masked_mean_pool_bwd_kernel")
                 for d in (384, 768) for packed in (False, True)]
 CASE_IDS += [f"{kernel}-{dtype}-D{d}-{'packed' if packed else 'dense'}-sm_{arch}" for kernel, d, packed in POOL_KERNELS
              for dtype in DTYPES for arch in ARCHS]
+# Shared memory per block (bytes) the kernels may use: the sm_80 (A100) and sm_90 (H100) limits.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -62,7 +70,7 @@ def _pool_signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def _pool_jobs() -> list:
-    """(case, kernel, dtype, constexprs, num_warps, signature function) for the masked mean pooling kernels."""
+    """(case, kernel, signature, constexprs, options) for the masked mean pooling kernels."""
     from ctxkern.kernels import masked_mean_pool as mmp
 
     jobs = []
@@ -78,8 +86,48 @@ def _pool_jobs() -> list:
             count_block = mmp._COUNT_BLOCK if name == "_masked_mean_pool_bwd_rows_kernel" else block_s
             consts = dict(NORMALIZE=True, PACKED=packed, BLOCK_S=count_block, BLOCK_D=block_d, **absent)
         case = f"{name}-{{dtype}}-D{d}-{'packed' if packed else 'dense'}"
-        jobs += [(case.format(dtype=dtype), getattr(mmp, name), dtype, consts, num_warps, _pool_signature)
-                 for dtype in DTYPES]
+        kernel = getattr(mmp, name)
+        jobs += [(case.format(dtype=dtype), kernel, _pool_signature(kernel, dtype, consts), consts,
+                  {"num_warps": num_warps}) for dtype in DTYPES]
+    return jobs
+
+
+def _attention_signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Tensors (capitalized names) in `dtype`, except the fp32 statistics, the uint8 mask and the int32
+    offsets; the scale fp32; head count, lengths, head dim and strides i32."""
+    special = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "KvEnd": "*i32", "CuQ": "*i32", "CuK": "*i32"}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in special:
+            sig[name] = special[name]
+        elif name in ("qk_scale_log2", "scale"):
+            sig[name] = "fp32"
+        elif name in ("H", "Sq", "Sk", "D") or not name[0].isupper():
+            sig[name] = "i32"
+        else:
+            sig[name] = f"*{dtype}"
+    return sig
+
+
+def _attention_jobs() -> list:
+    import torch
+
+    from ctxkern.kernels import attention as attn
+
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    jobs = []
+    for name, d in ATTENTION_KERNELS:
+        for dtype in DTYPES:
+            tiles = (attn._tile_config if name == "_attention_fwd_kernel" else attn._bwd_tile_config)(
+                d, torch_dtypes[dtype], interpreted=False)
+            options = {key: tiles.pop(key) for key in ("num_warps", "num_stages")}
+            consts = dict(CAUSAL=True, HAS_MASK=True, IS_VARLEN=True, PRECISION=attn._precision(
+                torch_dtypes[dtype], torch.device("cuda")), **tiles)
+            kernel = getattr(attn, name)
+            consts = {key: value for key, value in consts.items() if key in kernel.arg_names}
+            jobs.append((f"{name}-{dtype}-D{d}", kernel, _attention_signature(kernel, dtype, consts), consts, options))
     return jobs
 
 
@@ -99,14 +147,19 @@ def compile_all() -> dict[str, str]:
     consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_G=ln._DWDB_BLOCK_G, BLOCK_N=ln._DWDB_BLOCK_N)
     jobs += [(f"_layer_norm_bwd_dwdb_kernel-{dtype}", ln._layer_norm_bwd_dwdb_kernel, dtype, consts, 4)
              for dtype in DTYPES]
-    jobs = [(*job, _signature) for job in jobs] + _pool_jobs()
+    jobs = [(case, kernel, _signature(kernel, dtype, consts), consts, {"num_warps": num_warps})
+            for case, kernel, dtype, consts, num_warps in jobs] + _pool_jobs() + _attention_jobs()
     results = {}
-    for case, kernel, dtype, consts, num_warps, signature in jobs:
+    for case, kernel, signature, consts, options in jobs:
         for arch in ARCHS:
             try:
-                source = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-                results[f"{case}-sm_{arch}"] = "ok" if compiled.asm.get("cubin") else "no cubin produced"
+                source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+                shared = compiled.metadata.shared
+                results[f"{case}-sm_{arch}"] = (
+                    "no cubin produced" if not compiled.asm.get("cubin") else
+                    f"needs {shared} bytes of shared memory, more than sm_{arch} has" if shared > SHARED_LIMIT[arch]
+                    else "ok")
             except Exception as err:  # reported per case by the tests below
                 results[f"{case}-sm_{arch}"] = f"{type(err).__name__}: {err}"
     return results

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -19,6 +20,7 @@
 
 #include "../checks.h"
 #include "../masked_mean_pool_checks.h"
+#include "attention.h"
 #include "layer_norm.h"
 #include "masked_mean_pool.h"
 
@@ -230,6 +232,203 @@ at::Tensor masked_mean_pool_varlen_bwd_cuda(const at::Tensor& dout, const at::Te
   return pool_bwd_cuda(dout, mean, std::nullopt, cu_seqlens, total, {total, dout.size(1)});
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// attention (dense: q (B, Sq, H, D), k / v (B, Sk, H, D); varlen: q (total_q, H, D), k / v (total_k, H, D))
+
+using ctxkern::cuda::RowStats;
+using ctxkern::cuda::TokenTensor;
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+// What the CUDA kernels add to the shared checks (csrc/checks.h): a head dim they are instantiated for, and
+// sizes that fit their 32-bit counters.
+void check_attention_cuda_limits(const at::Tensor& q, const at::Tensor& k) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}}) {
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+      TORCH_CHECK(t.size(d) <= kInt32Max, name, " is too large for the CUDA attention kernels: ", t.sizes());
+    }
+  }
+  TORCH_CHECK(ctxkern::cuda::attention_supports_head_dim(q.size(-1)), "head dim D = ", q.size(-1),
+              " is not supported by the CUDA attention kernels (supported: 32, 64, 80, 96, 128)");
+}
+
+// The kernels load token rows with 16-byte cp.async, so the data pointer and every stride they use must be
+// multiples of 16 bytes. A view that is not (a rare odd offset or stride) is copied to a fresh contiguous
+// tensor, which always is: D * element size is a multiple of 32 bytes for every supported D.
+at::Tensor cp_async_ready(const at::Tensor& t) {
+  const int64_t per16 = 16 / static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && step_stride(t, d) % per16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Dense (B, S, H, D) operand, or varlen (total, H, D) with batch stride 0. t must outlive the launch.
+TokenTensor token_tensor(const at::Tensor& t) {
+  if (t.dim() == 4) return {t.data_ptr(), step_stride(t, 0), step_stride(t, 1), step_stride(t, 2)};
+  return {t.data_ptr(), 0, step_stride(t, 0), step_stride(t, 1)};
+}
+
+// Dense lse / delta (B, H, Sq), or varlen (H, total_q) with batch stride 0; contiguous.
+RowStats row_stats(const at::Tensor& t) {
+  if (t.dim() == 3) return {t.data_ptr<float>(), t.size(1) * t.size(2), t.size(2)};
+  return {t.data_ptr<float>(), 0, t.size(1)};
+}
+
+ctxkern::cuda::AttentionProblem attention_problem(const at::Tensor& q, int64_t batch, int64_t max_seqlen_q,
+                                                  int64_t max_seqlen_k, bool causal, double scale) {
+  ctxkern::cuda::AttentionProblem p{};
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(q.size(-2));
+  p.head_dim = static_cast<int>(q.size(-1));
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+// Dense padding mask: (B, Sk) bool, contiguous, on q's device. Sets the problem's mask and the (B,) int32
+// workspace the launchers fill with each row's last real key + 1; returns that workspace (keep it alive).
+std::optional<at::Tensor> attach_key_padding_mask(ctxkern::cuda::AttentionProblem& p,
+                                                  const std::optional<at::Tensor>& mask, const at::Tensor& q,
+                                                  int64_t B) {
+  if (!mask.has_value()) return std::nullopt;
+  at::Tensor extent = at::empty({B}, q.options().dtype(at::kInt));
+  p.key_padding_mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+  p.key_extent = extent.data_ptr<int>();
+  return extent;
+}
+
+// cu_seqlens_q / cu_seqlens_k: contiguous int32 (B + 1,) on q's device (their values are the caller's to
+// validate); sets the problem's pointers.
+void attach_cu_seqlens(ctxkern::cuda::AttentionProblem& p, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                       const at::Tensor& q) {
+  p.cu_seqlens_q = cu_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_k.data_ptr<int>();
+}
+
+void check_max_seqlen(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= kInt32Max, name, " must be in [0, 2^31), got ", value);
+}
+
+// Launches the forward of a complete problem: q, k, v checked, out and lse allocated.
+void run_attention_fwd(const ctxkern::cuda::AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+  const at::Tensor q_in = cp_async_ready(q);
+  const at::Tensor k_in = cp_async_ready(k);
+  const at::Tensor v_in = cp_async_ready(v);
+  check_cuda(ctxkern::cuda::attention_fwd_launch(storage_dtype(q), p, token_tensor(q_in), token_tensor(k_in),
+                                                 token_tensor(v_in), token_tensor(out), row_stats(lse),
+                                                 c10::cuda::getCurrentCUDAStream()),
+             "attention_fwd kernel launch");
+}
+
+void run_attention_bwd(const ctxkern::cuda::AttentionProblem& p, const at::Tensor& dout, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const at::Tensor q_in = cp_async_ready(q);
+  const at::Tensor k_in = cp_async_ready(k);
+  const at::Tensor v_in = cp_async_ready(v);
+  const at::Tensor dout_in = cp_async_ready(dout);  // out is only read element by element: any strides
+  at::Tensor delta = at::empty_like(lse);  // rowsum(dout * out), laid out like lse
+  check_cuda(ctxkern::cuda::attention_bwd_launch(
+                 storage_dtype(q), p, token_tensor(q_in), token_tensor(k_in), token_tensor(v_in),
+                 token_tensor(out), token_tensor(dout_in), row_stats(lse), row_stats(delta), token_tensor(dq),
+                 token_tensor(dk), token_tensor(dv), c10::cuda::getCurrentCUDAStream()),
+             "attention_bwd kernel launch");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                                      double scale) {
+  ctxkern::check_attention_fwd_args(q, k, v, key_padding_mask, scale, at::kCUDA);
+  check_attention_cuda_limits(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1);
+  auto p = attention_problem(q, B, Sq, Sk, causal, scale);
+  const auto extent = attach_key_padding_mask(p, key_padding_mask, q, B);
+  at::Tensor out = at::empty({B, Sq, H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (Sk == 0) {  // no query sees a key
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  run_attention_fwd(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
+  ctxkern::check_attention_bwd_args(dout, q, k, v, out, lse, key_padding_mask, scale, at::kCUDA);
+  check_attention_cuda_limits(q, k);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), Sk = k.size(1);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = attention_problem(q, B, Sq, Sk, causal, scale);
+  const auto extent = attach_key_padding_mask(p, key_padding_mask, q, B);
+  if (B == 0 || H == 0 || Sq == 0 || Sk == 0) {  // no (query, key) pair: every gradient is zero
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+  }
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  run_attention_bwd(p, dout, q, k, v, out, lse, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, bool causal, double scale) {
+  ctxkern::check_attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                       at::kCUDA);
+  check_attention_cuda_limits(q, k);
+  check_max_seqlen(max_seqlen_q, "max_seqlen_q");
+  check_max_seqlen(max_seqlen_k, "max_seqlen_k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t total_q = q.size(0), H = q.size(1), D = q.size(2), total_k = k.size(0);
+  auto p = attention_problem(q, cu_seqlens_q.size(0) - 1, max_seqlen_q,
+                             max_seqlen_k, causal, scale);
+  attach_cu_seqlens(p, cu_seqlens_q, cu_seqlens_k, q);
+  at::Tensor out = at::empty({total_q, H, D}, q.options());
+  at::Tensor lse = at::empty({H, total_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (p.batch == 0 || max_seqlen_q == 0 || total_k == 0 || max_seqlen_k == 0) {
+    // No key anywhere (or, with valid cu_seqlens, no query either): every row is empty.
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  run_attention_fwd(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale) {
+  ctxkern::check_attention_varlen_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, scale, at::kCUDA);
+  check_attention_cuda_limits(q, k);
+  check_max_seqlen(max_seqlen_q, "max_seqlen_q");
+  check_max_seqlen(max_seqlen_k, "max_seqlen_k");
+  const int64_t total_q = q.size(0), H = q.size(1), total_k = k.size(0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = attention_problem(q, cu_seqlens_q.size(0) - 1, max_seqlen_q,
+                             max_seqlen_k, causal, scale);
+  attach_cu_seqlens(p, cu_seqlens_q, cu_seqlens_k, q);
+  if (p.batch == 0 || H == 0 || total_q == 0 || total_k == 0 || max_seqlen_q == 0 || max_seqlen_k == 0) {
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+  }
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  run_attention_bwd(p, dout, q, k, v, out, lse, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
@@ -239,4 +438,8 @@ TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
   m.impl("masked_mean_pool_bwd", TORCH_FN(masked_mean_pool_bwd_cuda));
   m.impl("masked_mean_pool_varlen_fwd", TORCH_FN(masked_mean_pool_varlen_fwd_cuda));
   m.impl("masked_mean_pool_varlen_bwd", TORCH_FN(masked_mean_pool_varlen_bwd_cuda));
+  m.impl("attention_fwd", TORCH_FN(attention_fwd_cuda));
+  m.impl("attention_bwd", TORCH_FN(attention_bwd_cuda));
+  m.impl("attention_varlen_fwd", TORCH_FN(attention_varlen_fwd_cuda));
+  m.impl("attention_varlen_bwd", TORCH_FN(attention_varlen_bwd_cuda));
 }

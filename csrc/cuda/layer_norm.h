@@ -6,11 +6,10 @@
 
 #include <cuda_runtime.h>
 
+#include "dtype.h"
+
 namespace ctxkern {
 namespace cuda {
-
-// Storage dtype of every (M, N) and (N,) operand of an op; statistics and workspaces are always fp32.
-enum class DType { F32, F16, BF16 };
 
 // y = (s - mean) * rstd * weight + bias with s = x + residual (s = x when residual is nullptr), per row.
 // Requires 1 <= N <= INT32_MAX and row strides >= 0 (rows may repeat or overlap: x, residual and dy are only

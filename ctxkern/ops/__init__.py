@@ -1,5 +1,6 @@
 """The public functional ops: argument checks, backend choice, fake and autograd registration."""
+from ctxkern.ops.attention import attention, attention_varlen
 from ctxkern.ops.layer_norm import layer_norm
 from ctxkern.ops.masked_mean_pool import masked_mean_pool, masked_mean_pool_varlen
 
-__all__ = ["layer_norm", "masked_mean_pool", "masked_mean_pool_varlen"]
+__all__ = ["attention", "attention_varlen", "layer_norm", "masked_mean_pool", "masked_mean_pool_varlen"]

@@ -1,0 +1,159 @@
+// Tile helpers of the CPU attention kernels (csrc/cpu/attention.cpp): the tile matrix product, fp32 staging of
+// fp16/bf16 rows, and the vectorized row operations of the online softmax. Everything here works on one
+// thread's tiles; the parallel split lives in attention.cpp.
+#pragma once
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace ctxkern::attention_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Fortran BLAS sgemm. torch's x86 wheels link MKL into libtorch_cpu and export it (ATen's own cpublas::gemm
+// wrapper is not exported). Weak, so that a torch without it still loads this library and uses the loop below.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// C (m, n) = alpha * op(A) op(B) + beta * C, all row-major with leading dims lda/ldb/ldc; op(A) is (m, k) and
+// op(B) (k, n), each stored transposed when its flag says so. beta = 0 ignores C's old contents (even NaN).
+inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                   int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // BLAS wants leading dims that cover a row; rows of a broadcast view (stride 0) take the plain loop below.
+  const bool lds_valid = lda >= std::max<int64_t>(1, trans_a ? m : k) && ldb >= std::max<int64_t>(1, trans_b ? k : n);
+  if (sgemm_ != nullptr && lds_valid) {
+    // BLAS is column-major: a row-major C is the column-major C^T = op(B)^T op(A)^T, hence the swapped operands.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m_ = static_cast<int>(n), n_ = static_cast<int>(m), k_ = static_cast<int>(k);
+    const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &m_, &n_, &k_, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.f;
+      for (int64_t l = 0; l < k; ++l) {
+        sum += (trans_a ? a[l * lda + i] : a[i * lda + l]) * (trans_b ? b[j * ldb + l] : b[l * ldb + j]);
+      }
+      c[i * ldc + j] = alpha * sum + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
+    }
+  }
+}
+
+// A block of fp32 rows: rows[r * ld + d].
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+// dst[0, n) = src[0, n) widened to fp32.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    using VecT = at::vec::Vectorized<T>;
+    for (; j + VecT::size() <= n; j += VecT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + kVec);
+    }
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// `count` rows of `d` elements (row stride ld) as fp32 rows: fp32 input is used in place, fp16/bf16 is
+// widened into `staging` (count, d).
+template <typename T>
+inline Rows stage_rows(const T* src, int64_t ld, int64_t count, int64_t d, float* staging) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {src, ld};
+  } else {
+    for (int64_t r = 0; r < count; ++r) widen(src + r * ld, staging + r * d, d);
+    return {staging, d};
+  }
+}
+
+// dst[0, n) = src[0, n) * mul, rounded to T.
+template <typename T>
+inline void store_scaled(const float* src, float mul, T* dst, int64_t n) {
+  const Vec vmul(mul);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kVec <= n; j += kVec) (Vec::loadu(src + j) * vmul).store(dst + j);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (; j + VecT::size() <= n; j += VecT::size()) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + j) * vmul, Vec::loadu(src + j + kVec) * vmul).store(dst + j);
+    }
+  }
+  for (; j < n; ++j) dst[j] = static_cast<T>(src[j] * mul);
+}
+
+inline float row_max(const float* x, int64_t n) {
+  Vec acc(kNegInf);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  float result = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; j < n; ++j) result = std::max(result, x[j]);
+  return result;
+}
+
+// x[0, n) = exp(x - shift); returns their sum when kSum. exp_u20 (about 1e-6 relative) is the
+// fast exponential torch's own CPU flash attention uses; it returns 0 for -inf, so masked scores vanish.
+template <bool kSum>
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    e.store(x + j);
+    if constexpr (kSum) acc = acc + e;
+  }
+  float sum = kSum ? at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc) : 0.f;
+  if (j < n) {
+    (Vec::loadu(x + j, n - j) - vshift).exp_u20().store(x + j, n - j);
+    for (; kSum && j < n; ++j) sum += x[j];
+  }
+  return sum;
+}
+
+inline void scale_row(float* x, int64_t n, float mul) {
+  const Vec vmul(mul);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * vmul).store(x + j);
+  for (; j < n; ++j) x[j] *= mul;
+}
+
+// x[0, n) += bias[0, n) (0 or -inf: the key padding mask as an additive bias).
+inline void add_row(float* x, const float* bias, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) + Vec::loadu(bias + j)).store(x + j);
+  for (; j < n; ++j) x[j] += bias[j];
+}
+
+// dp[0, n) = p * (dp - delta): the softmax backward of one row, delta = rowsum(dO * O).
+inline void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
+  const Vec vdelta(delta);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(p + j) * (Vec::loadu(dp + j) - vdelta)).store(dp + j);
+  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+}  // namespace ctxkern::attention_cpu

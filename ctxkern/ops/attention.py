@@ -1,0 +1,250 @@
+"""ops.attention and ops.attention_varlen: softmax(scale * q k^T) v with key padding, causality and packed
+variable-length sequences, in flash-attn's layouts.
+
+The cpu and cuda backends are the operators torch.ops.ctxkern.attention_fwd / attention_varlen_fwd (schemas in
+csrc/ops.cpp), dispatched by device; the triton backend is a custom_op per schema around kernels/attention.py
+(custom_op rather than triton_op, for the reason ops/layer_norm.py gives). All get the same fake kernels and
+autograd: the backward operator recomputes the probabilities from the saved fp32 log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ctxkern import _dispatch
+from ctxkern.ops._checks import check_float_dtype, check_like, check_tensor
+from ctxkern.reference import attention_ref, attention_varlen_ref
+
+# Head dims per backend: the CUDA kernels are instantiated for these; the others take any D up to 128.
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
+MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------- triton operators
+
+@torch.library.custom_op("ctxkern::attention_fwd_triton", mutates_args=())
+def _attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                          scale: float) -> tuple[Tensor, Tensor]:
+    from ctxkern.kernels.attention import attention_fwd_triton
+
+    return attention_fwd_triton(q, k, v, key_padding_mask, causal, scale)
+
+
+@torch.library.custom_op("ctxkern::attention_bwd_triton", mutates_args=())
+def _attention_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          key_padding_mask: Optional[Tensor], causal: bool, scale: float
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    from ctxkern.kernels.attention import attention_bwd_triton
+
+    return attention_bwd_triton(dout, q, k, v, out, lse, key_padding_mask, causal, scale)
+
+
+@torch.library.custom_op("ctxkern::attention_varlen_fwd_triton", mutates_args=())
+def _attention_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float
+                                 ) -> tuple[Tensor, Tensor]:
+    from ctxkern.kernels.attention import attention_varlen_fwd_triton
+
+    return attention_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                       scale)
+
+
+@torch.library.custom_op("ctxkern::attention_varlen_bwd_triton", mutates_args=())
+def _attention_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ctxkern.kernels.attention import attention_varlen_bwd_triton
+
+    return attention_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, causal, scale)
+
+
+# ----------------------------------------------------------------------------- fake kernels and autograd
+
+def _fwd_fake(q, k, v, key_padding_mask, causal, scale):
+    b, sq, h, _d = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, *_rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _register(fwd_name: str, bwd_name: str, varlen: bool) -> None:
+    """Fake kernels for both operators, and the backward operator as the forward one's autograd. Every
+    input after q, k, v (mask or cu_seqlens, sizes, causal, scale) is passed through to the backward."""
+    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *rest = inputs
+        tensors = [t for t in rest if isinstance(t, Tensor)]
+        ctx.save_for_backward(q, k, v, *output, *tensors)
+        # The optional mask may be None: remember where the saved tensors go among the other inputs.
+        ctx.rest = [None if isinstance(t, Tensor) else t for t in rest]
+        ctx.tensor_slots = [i for i, t in enumerate(rest) if isinstance(t, Tensor)]
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        rest = list(ctx.rest)
+        for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
+            rest[slot] = t
+        dq, dk, dv = bwd_op(_last_dim_contiguous(dout), q, k, v, out, lse, *rest)
+        return (dq, dk, dv) + (None,) * len(rest)
+
+    torch.library.register_fake(fwd_name, _varlen_fwd_fake if varlen else _fwd_fake)
+    torch.library.register_fake(bwd_name, _bwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# backend -> forward operator
+_FWD = {"triton": torch.ops.ctxkern.attention_fwd_triton}
+_VARLEN_FWD = {"triton": torch.ops.ctxkern.attention_varlen_fwd_triton}
+_register("ctxkern::attention_fwd_triton", "ctxkern::attention_bwd_triton", varlen=False)
+_register("ctxkern::attention_varlen_fwd_triton", "ctxkern::attention_varlen_bwd_triton", varlen=True)
+if _dispatch.HAS_EXTENSION:
+    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.attention_fwd
+    _VARLEN_FWD["cpu"] = _VARLEN_FWD["cuda"] = torch.ops.ctxkern.attention_varlen_fwd
+    _register("ctxkern::attention_fwd", "ctxkern::attention_bwd", varlen=False)
+    _register("ctxkern::attention_varlen_fwd", "ctxkern::attention_varlen_bwd", varlen=True)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_qkv(q, k, v, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+    check_float_dtype(q, "q")
+    check_like(k, q, "k", "q")
+    check_like(v, q, "v", "q")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"k must have q's head count {q.shape[-2]}, got {k.shape[-2]} (dim -2 of {layout})")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k and v must have q's head dim {q.shape[-1]}, got {k.shape[-1]}")
+
+
+def _check_head_dim(d: int, backend: str) -> None:
+    if backend == "torch":
+        return
+    if backend == "cuda" and d not in CUDA_HEAD_DIMS:
+        raise ValueError(f"q's head dim must be one of {CUDA_HEAD_DIMS} on the cuda backend, got {d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be between 1 and {MAX_HEAD_DIM} on the {backend} backend, got {d}")
+
+
+def _check_common(causal, scale, dropout_p, d: int) -> float:
+    """The scale to use (1/sqrt(D) by default)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0: attention dropout is not supported (got dropout_p={dropout_p})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d else 1.0
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _mask_as_bool(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    check_tensor(mask, "key_padding_mask")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}")
+    if tuple(mask.shape) != (k.shape[0], k.shape[1]):
+        raise ValueError(f"key_padding_mask must have shape (B, Sk) = {(k.shape[0], k.shape[1])}, "
+                         f"got {tuple(mask.shape)}")
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+
+
+def _check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> Tensor:
+    """cu_seqlens as contiguous int32, after checking it describes sequences tiling `total` rows."""
+    check_tensor(cu, name)
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length B + 1 >= 1, got shape {tuple(cu.shape)}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 (or int64), got {cu.dtype}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    # Reading the offsets back costs a device sync; it is skipped while torch.compile traces, where the
+    # values are not known yet.
+    if not torch.compiler.is_compiling():
+        offsets = cu.tolist()
+        if offsets[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+        if offsets[-1] != total:
+            raise ValueError(f"{name} must end at the total row count {total}, got {offsets[-1]}")
+        if lengths and max(lengths) > max_seqlen:
+            raise ValueError(f"{max_name} = {max_seqlen} is smaller than a sequence of {max(lengths)} in {name}")
+    return cu.to(torch.int32).contiguous()
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+              scale: Optional[float] = None, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """softmax(scale * q k^T) v per head, in flash-attn's layout.
+
+    q (B, Sq, H, D); k, v (B, Sk, H, D); any strides (views of a fused QKV projection need no copy when the
+    last dim is contiguous). key_padding_mask (B, Sk), nonzero = attend. causal: query i sees keys
+    j <= i + Sk - Sq (bottom-right aligned). scale defaults to 1/sqrt(D). A query row that may see no key
+    gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. Differentiable in q, k and v.
+    dropout_p must be 0.0: dropout is not supported, and a nonzero value raises ValueError rather than
+    being ignored. backend: "auto", "torch", "cpu", "cuda" or "triton".
+    """
+    _check_qkv(q, k, v, 4, "(B, S, H, D)")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    scale = _check_common(causal, scale, dropout_p, q.shape[-1])
+    mask = None if key_padding_mask is None else _mask_as_bool(key_padding_mask, q, k)
+    name = _dispatch.resolve(backend, q.device)
+    _check_head_dim(q.shape[-1], name)
+    if name == "torch" or q.numel() == 0 or k.numel() == 0:
+        return attention_ref(q, k, v, mask, causal, scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, _lse = _FWD[name](q, k, v, mask, causal, scale)
+    return out
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """attention on packed sequences, flash_attn_varlen_func's convention.
+
+    q (total_q, H, D); k, v (total_k, H, D); sequence b holds rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q
+    and cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v. cu_seqlens: int32 (B + 1,), starting at 0,
+    non-decreasing, ending at total; max_seqlen_q/k at least every sequence's length. causal is bottom-right
+    aligned per sequence. -> (total_q, H, D). dropout_p and backend as in `attention`.
+    """
+    _check_qkv(q, k, v, 3, "(total, H, D)")
+    scale = _check_common(causal, scale, dropout_p, q.shape[-1])
+    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {cu_q.shape[0]} (B + 1), "
+                         f"got {cu_k.shape[0]}")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    backend_name = _dispatch.resolve(backend, q.device)
+    _check_head_dim(q.shape[-1], backend_name)
+    if backend_name == "torch" or q.numel() == 0 or k.numel() == 0:
+        return attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, _lse = _VARLEN_FWD[backend_name](q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return out
