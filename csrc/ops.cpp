@@ -15,6 +15,20 @@ TORCH_LIBRARY(ctxkern, m) {
   //      dbias (N,) in x's dtype when has_bias, else (0,).
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor mean, Tensor rstd,"
         " bool has_bias) -> (Tensor, Tensor, Tensor)");
+  // LSTM cell, torch's gate order i, f, g, o: gates = input_gates + hidden_gates + bias,
+  // c_new = clamp(sigmoid(f) * c + sigmoid(i) * tanh(g), -cell_clip, cell_clip), h = sigmoid(o) * tanh(c_new).
+  //   input_gates, hidden_gates: (B, 4H), last dim contiguous, any row stride; c: (B, H) likewise;
+  //   bias: (4H,) contiguous or None; cell_clip: >= 0 or None (no clamp).
+  //   -> h (B, H), c_new (B, H), contiguous, in input_gates' dtype. Nothing else is saved: the backward
+  //      recomputes the gates from its inputs, which it needs anyway.
+  m.def("lstm_cell_fwd(Tensor input_gates, Tensor hidden_gates, Tensor c, Tensor? bias, float? cell_clip)"
+        " -> (Tensor, Tensor)");
+  // Backward of lstm_cell_fwd. dhidden_gates equals dinput_gates, so it is not returned separately.
+  //   dh, dc_new: (B, H) last dim contiguous; the other arguments as in the forward.
+  //   -> dgates (B, 4H), dc (B, H), in input_gates' dtype; dbias (4H,) = the sum of dgates over the batch
+  //      in a fixed order (deterministic), in bias' dtype, or (0,) when bias is None.
+  m.def("lstm_cell_bwd(Tensor dh, Tensor dc_new, Tensor input_gates, Tensor hidden_gates, Tensor c, Tensor? bias,"
+        " float? cell_clip) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
