@@ -29,6 +29,15 @@ TORCH_LIBRARY(ctxkern, m) {
   //      in a fixed order (deterministic), in bias' dtype, or (0,) when bias is None.
   m.def("lstm_cell_bwd(Tensor dh, Tensor dc_new, Tensor input_gates, Tensor hidden_gates, Tensor c, Tensor? bias,"
         " float? cell_clip) -> (Tensor, Tensor, Tensor)");
+  // One LSTM layer in one direction over packed rows, without autograd (ctxkern.nn.LSTM's no-grad path on
+  // the CPU, where a Python time loop would cost more than the cell itself). Step t owns rows
+  // [sum(batch_sizes[:t]), + batch_sizes[t]) of gates_in and out, the batch_sizes[t] sequences still running
+  // (a non-increasing prefix of the batch); reverse walks the steps from the last.
+  //   gates_in: (N, 4H) = x W_ih^T, last dim contiguous; h0: (B, P); c0: (B, H); w_hh: (4H, P);
+  //   w_hr: (P, H) or None (then P = H); bias: (4H,) or None; the clips as in lstm_cell_fwd, proj_clip on h.
+  //   -> out (N, P), h_n (B, P), c_n (B, H): each sequence's state after its own last step.
+  m.def("lstm_layer_fwd(Tensor gates_in, int[] batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,"
+        " Tensor? bias, float? cell_clip, float? proj_clip, bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -7,6 +7,9 @@ step t holds the batch_sizes[t] sequences still running, a prefix of the batch b
 sorted by decreasing length. So the reverse direction, walking t from the end, picks up each sequence at its
 own last token (its rows keep h0/c0 until then), and the forward direction leaves each sequence's state at
 its own last step, which is h_n/c_n.
+Autograd flows through the Python time loop. When nothing needs a gradient and the cpu backend serves, the
+loop runs instead inside the operator torch.ops.ctxkern.lstm_layer_fwd (the same steps in C++, into
+preallocated buffers), because on a CPU the per-step Python overhead costs as much as a small step.
 """
 from __future__ import annotations
 
@@ -146,6 +149,13 @@ class LSTM(torch.nn.LSTM):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
+    def _recurrence_in_cpp(self, *tensors: Optional[Tensor]) -> bool:
+        """Whether the time loop can run as the CPU operator lstm_layer_fwd: it has no autograd, so only when
+        nothing needs a gradient; it saves the Python overhead of each step, which on a CPU rivals the step."""
+        if _dispatch.resolve(self.backend, tensors[0].device) != "cpu":
+            return False
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
     def _run_direction(self, x: Tensor, batch_sizes: list[int], offsets: list[int], h: Tensor, c: Tensor,
                        layer: int, direction: int):
         """One layer, one direction over packed rows x (N, I_layer) -> (out (N, P), h_n (B, P), c_n (B, H))."""
@@ -155,6 +165,9 @@ class LSTM(torch.nn.LSTM):
         bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix) if self.bias else None
 
         gates_in = torch.mm(x, w_ih.t())  # (N, 4H): the input projection of every step at once
+        if self._recurrence_in_cpp(x, h, c, w_ih, w_hh, w_hr, bias):
+            return torch.ops.ctxkern.lstm_layer_fwd(gates_in, batch_sizes, h, c, w_hh, w_hr, bias, self.cell_clip,
+                                                    self.proj_clip, direction == 1)
         w_hh_t = w_hh.t()
         w_hr_t = None if w_hr is None else w_hr.t()
         outs: list[Optional[Tensor]] = [None] * len(batch_sizes)

@@ -78,6 +78,27 @@ def test_packed_unequal_lengths_match_torch_lstm(config):
                      grads_of((ref_out.data, ref_h, ref_c), (xd, h0d, c0d, *theirs.parameters())))
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c["num_layers"] == 2 and not c["batch_first"]],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("bidirectional", "proj_size")))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_no_grad_time_loop_in_cpp_matches_torch_lstm(config, packed):
+    """Without autograd the CPU backend runs each layer's time loop in the operator lstm_layer_fwd."""
+    require_backend("cpu")
+    ours, theirs = make_pair(backend="cpu", **config)
+    x = torch.randn(STEPS, BATCH, INPUT)
+    layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    h0, c0 = torch.randn(layers, BATCH, config["proj_size"] or HIDDEN), torch.randn(layers, BATCH, HIDDEN)
+    lengths = torch.tensor(LENGTHS)
+    pack = (lambda t: pack_padded_sequence(t, lengths, enforce_sorted=False)) if packed else (lambda t: t)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out, (h_n, c_n) = ours(pack(x), (h0, c0))
+    assert sum(e.name == "ctxkern::lstm_layer_fwd" for e in prof.events()) == layers
+    ref_out, (ref_h, ref_c) = theirs(pack(x.double()), (h0.double(), c0.double()))
+    if packed:
+        out, ref_out = pad_packed_sequence(out)[0], pad_packed_sequence(ref_out)[0]
+    assert_all_close((out, h_n, c_n), (ref_out, ref_h, ref_c))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_other_backends_match_torch_lstm(backend):
     require_backend(backend)
@@ -167,7 +188,8 @@ def allennlp_reference(lstm, x, lengths, cell_clip, proj_clip):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_cell_and_projection_clipping_follow_allennlp(backend):
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_cell_and_projection_clipping_follow_allennlp(backend, grad):
     require_backend(backend)
     torch.manual_seed(0)
     lstm = ctxkern.nn.LSTM(INPUT, HIDDEN, num_layers=2, bidirectional=True, proj_size=PROJ, cell_clip=0.3,
@@ -176,7 +198,8 @@ def test_cell_and_projection_clipping_follow_allennlp(backend):
         for p in lstm.parameters():
             p.uniform_(-1.5, 1.5)  # large weights, so both clips are active on many units
     x = 2 * torch.randn(STEPS, BATCH, INPUT)
-    out, (h_n, c_n) = lstm(pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False))
+    with torch.set_grad_enabled(grad):
+        out, (h_n, c_n) = lstm(pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False))
     padded, _ = pad_packed_sequence(out)
     ref_out, ref_h, ref_c = allennlp_reference(lstm, x, LENGTHS, 0.3, 0.2)
     assert_all_close((padded, h_n, c_n), (ref_out, ref_h, ref_c))
@@ -205,3 +228,22 @@ def test_bad_input_names_the_argument():
         ctxkern.nn.LSTM(INPUT, HIDDEN, proj_clip=1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         ctxkern.nn.LSTM(INPUT, HIDDEN, backend="gpu")
+
+
+def test_time_loop_operator():
+    """opcheck of lstm_layer_fwd (schema, fake kernel), and its own checks of direct calls."""
+    require_backend("cpu")
+    op = torch.ops.ctxkern.lstm_layer_fwd
+    h, p = 6, 3
+    gates_in, h0, c0 = torch.randn(7, 4 * h), torch.randn(3, p), torch.randn(3, h)
+    w_hh, w_hr, bias = torch.randn(4 * h, p), torch.randn(p, h), torch.randn(4 * h)
+    torch.library.opcheck(op, (gates_in, [3, 2, 2], h0, c0, w_hh, w_hr, bias, 0.5, 0.4, True))
+    torch.library.opcheck(op, (gates_in[:, :4 * p], [3, 2, 2], h0, c0[:, :p], w_hh[:4 * p], None, None, None, None,
+                               False))
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        op(gates_in, [2, 3, 2], h0, c0, w_hh, w_hr, bias, None, None, False)
+    with pytest.raises(RuntimeError, match="batch_sizes must sum to gates_in's rows"):
+        op(gates_in, [3, 2], h0, c0, w_hh, w_hr, bias, None, None, False)
+    with pytest.raises(RuntimeError, match="w_hh must have shape"):
+        op(gates_in, [3, 2, 2], h0, c0, w_hh.t(), w_hr, bias, None, None, False)
+

@@ -18,6 +18,7 @@
 #include <array>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "../lstm_cell_checks.h"
 
@@ -262,11 +263,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
   return {dgates, dc, dbias};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The recurrence of one layer and direction, for inference. Each step is the recurrent product into a
+// preallocated buffer, the cell kernel writing c in place (each unit reads its c before writing it) and h
+// straight into the output rows (or into a buffer the projection then reads), and a copy of the new h rows
+// into the state: no allocation and no Python per step.
+
+void check_lstm_layer_args(const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0,
+                           const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& bias, std::optional<double> cell_clip,
+                           std::optional<double> proj_clip) {
+  TORCH_CHECK(gates_in.device().is_cpu(), "gates_in must be a CPU tensor, got ", gates_in.device());
+  check_float_storage(gates_in, "gates_in");
+  TORCH_CHECK(gates_in.dim() == 2 && gates_in.size(1) % 4 == 0 && (gates_in.size(1) <= 1 || gates_in.stride(1) == 1),
+              "gates_in must be (N, 4H) with a contiguous last dim, got ", gates_in.sizes());
+  const int64_t H = gates_in.size(1) / 4, B = h0.size(0), P = w_hr ? w_hr->size(0) : H;
+  int64_t rows = 0, previous = B;
+  for (int64_t n : batch_sizes) {
+    TORCH_CHECK(n >= 0 && n <= previous, "batch_sizes must be non-increasing and at most h0's batch ", B);
+    previous = n;
+    rows += n;
+  }
+  TORCH_CHECK(rows == gates_in.size(0), "batch_sizes must sum to gates_in's rows ", gates_in.size(0), ", got ", rows);
+  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.scalar_type() == gates_in.scalar_type() && t.device() == gates_in.device(), name,
+                " must have gates_in's dtype and device");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+                t.sizes());
+  };
+  check(h0, {B, P}, "h0");
+  check(c0, {B, H}, "c0");
+  check(w_hh, {4 * H, P}, "w_hh");
+  if (w_hr) check(*w_hr, {P, H}, "w_hr");
+  if (bias) check(*bias, {4 * H}, "bias");
+  TORCH_CHECK(!cell_clip || *cell_clip >= 0.0, "cell_clip must be >= 0 (or None)");
+  TORCH_CHECK(!proj_clip || *proj_clip >= 0.0, "proj_clip must be >= 0 (or None)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
+    std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse) {
+  check_lstm_layer_args(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip);
+  const int64_t H = c0.size(1), B = h0.size(0), P = h0.size(1), steps = batch_sizes.size();
+  at::Tensor out = at::empty({gates_in.size(0), P}, h0.options());
+  at::Tensor h = h0.contiguous().clone();                           // (B, P) state
+  at::Tensor c = c0.contiguous().clone();                           // (B, H) state, updated in place
+  at::Tensor hidden_gates = at::empty({B, 4 * H}, c0.options());    // (B, 4H) h W_hh^T of one step
+  at::Tensor h_cell = w_hr ? at::empty({B, H}, c0.options()) : at::Tensor();  // (B, H) before the projection
+  const at::Tensor w_hh_t = w_hh.t();
+  std::vector<int64_t> offsets(steps + 1, 0);
+  for (int64_t t = 0; t < steps; ++t) offsets[t + 1] = offsets[t] + batch_sizes[t];
+
+  for (int64_t k = 0; k < steps; ++k) {
+    const int64_t t = reverse ? steps - 1 - k : k, n = batch_sizes[t];
+    if (n == 0) continue;
+    // The bias goes into the recurrent product (addmm, as torch.nn.LSTM's own loop does), not into the cell.
+    at::Tensor hg = hidden_gates.narrow(0, 0, n);
+    if (bias) {
+      at::addmm_out(hg, *bias, h.narrow(0, 0, n), w_hh_t);
+    } else {
+      at::mm_out(hg, h.narrow(0, 0, n), w_hh_t);
+    }
+    at::Tensor out_rows = out.narrow(0, offsets[t], n);              // (n, P)
+    at::Tensor cell_out = w_hr ? h_cell.narrow(0, 0, n) : out_rows;  // (n, H)
+    at::Tensor c_rows = c.narrow(0, 0, n);
+    CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_layer_fwd_cpu", [&] {
+      forward(cell_args<scalar_t>(gates_in.narrow(0, offsets[t], n), hg, c_rows, std::nullopt, cell_clip), n,
+              cell_out.data_ptr<scalar_t>(), c_rows.data_ptr<scalar_t>());
+    });
+    if (w_hr) at::mm_out(out_rows, cell_out, w_hr->t());
+    if (proj_clip) out_rows.clamp_(-*proj_clip, *proj_clip);
+    h.narrow(0, 0, n).copy_(out_rows);
+  }
+  return {out, h, c};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ctxkern, CPU, m) {
   m.impl("lstm_cell_fwd", &lstm_cell_fwd_cpu);
   m.impl("lstm_cell_bwd", &lstm_cell_bwd_cpu);
+  m.impl("lstm_layer_fwd", &lstm_layer_fwd_cpu);
 }
 
 }  // namespace ctxkern

@@ -81,6 +81,10 @@ if _dispatch.HAS_EXTENSION:
     _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.lstm_cell_fwd
     _register("ctxkern::lstm_cell_fwd", "ctxkern::lstm_cell_bwd")
 
+    @torch.library.register_fake("ctxkern::lstm_layer_fwd")
+    def _lstm_layer_fwd_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse):
+        return gates_in.new_empty((gates_in.shape[0], h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
 
 def _check(input_gates, hidden_gates, c, bias, cell_clip) -> None:
     check_tensor(input_gates, "input_gates")
