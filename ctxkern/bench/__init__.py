@@ -9,13 +9,15 @@ from typing import Callable
 
 import torch
 
-from ctxkern.bench import layer_norm
+from ctxkern.bench import layer_norm, lstm
 from ctxkern.bench.case import Case, run_case
 from ctxkern.bench.peaks import measure_peaks
 from ctxkern.bench.report import git_commit
 
 # op name -> cases(device, quick, with_compile)
-OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_norm.cases}
+OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_norm.cases,
+                                                           "lstm_cell": lstm.cell_cases,
+                                                           "lstm": lstm.layer_cases}
 
 
 def steady_cpu_allocator() -> str:
