@@ -9,6 +9,9 @@ from torch import Tensor
 
 from ctxkern import _dispatch
 from ctxkern import ops
+from ctxkern.lstm import LSTM
+
+__all__ = ["LayerNorm", "LSTM"]
 
 
 class LayerNorm(torch.nn.LayerNorm):

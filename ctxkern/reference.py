@@ -92,3 +92,22 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
                           causal=causal, scale=scale, compute_dtype=compute_dtype)[0]
             for i in range(len(bq) - 1)]
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def lstm_cell_ref(input_gates: Tensor, hidden_gates: Tensor, c: Tensor, bias: Optional[Tensor] = None,
+                  cell_clip: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step, torch's gate order i, f, g, o -> (h, c_new); the eager composition users write.
+
+    c_new = sigmoid(f) * c + sigmoid(i) * tanh(g), clamped to +-cell_clip before h = sigmoid(o) * tanh(c_new),
+    as AllenNLP's LSTM with projection clips its memory cell.
+    """
+    ct = _compute_dtype(input_gates.dtype)
+    gates = input_gates.to(ct) + hidden_gates.to(ct)
+    if bias is not None:
+        gates = gates + bias.to(ct)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = torch.sigmoid(f) * c.to(ct) + torch.sigmoid(i) * torch.tanh(g)
+    if cell_clip is not None:
+        c_new = torch.clamp(c_new, -cell_clip, cell_clip)
+    h = torch.sigmoid(o) * torch.tanh(c_new)
+    return h.to(c.dtype), c_new.to(c.dtype)

@@ -29,6 +29,8 @@ ATTENTION_KERNELS = [(kernel, d) for kernel in ("_attention_fwd_kernel", "_atten
 CASE_IDS = [f"{kernel}-{dtype}-N{n}-sm_{arch}" for kernel, n, _ in ROW_KERNELS for dtype in DTYPES for arch in ARCHS] + \
            [f"_layer_norm_bwd_dwdb_kernel-{dtype}-sm_{arch}" for dtype in DTYPES for arch in ARCHS] + \
            [f"{kernel}-{dtype}-D{d}-sm_{arch}" for kernel, d in ATTENTION_KERNELS for dtype in DTYPES for arch in ARCHS]
+LSTM_KERNELS = [(name, bias) for name in ("_lstm_cell_fwd_kernel", "_lstm_cell_bwd_kernel") for bias in (True, False)]
+CASE_IDS += [f"{kernel}-bias{bias}-{dtype}-sm_{arch}" for kernel, bias in LSTM_KERNELS for dtype in DTYPES for arch in ARCHS]
 # Masked mean pooling: (kernel, D, PACKED) at MiniLM and BERT-base widths, dense and packed.
 POOL_KERNELS = [(kernel, d, packed) for kernel in ("_masked_mean_pool_fwd_kernel", "_masked_mean_pool_bwd_rows_kernel",
                                                    "_masked_mean_pool_bwd_kernel")
@@ -41,14 +43,14 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     """Storage pointers (capitalized names) get `dtype`, statistics and workspaces fp32; sizes and strides i32,
-    eps fp32."""
+    eps and clip fp32."""
     fp32_pointers, sizes = {"Mean", "Rstd", "DW_partial", "DB_partial"}, {"M", "N", "G"}
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in sizes or not name[0].isupper():
-            sig[name] = "fp32" if name == "eps" else "i32"
+            sig[name] = "fp32" if name in ("eps", "clip") else "i32"
         else:
             sig[name] = "*fp32" if name in fp32_pointers else f"*{dtype}"
     return sig
@@ -138,6 +140,7 @@ def compile_all() -> dict[str, str]:
     from triton.compiler import ASTSource
 
     from ctxkern.kernels import layer_norm as ln
+    from ctxkern.kernels import lstm_cell
 
     jobs = []
     for name, n, backward in ROW_KERNELS:
@@ -147,6 +150,10 @@ def compile_all() -> dict[str, str]:
     consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_G=ln._DWDB_BLOCK_G, BLOCK_N=ln._DWDB_BLOCK_N)
     jobs += [(f"_layer_norm_bwd_dwdb_kernel-{dtype}", ln._layer_norm_bwd_dwdb_kernel, dtype, consts, 4)
              for dtype in DTYPES]
+    for name, bias in LSTM_KERNELS:
+        consts = dict(HAS_BIAS=bias, BLOCK_B=lstm_cell.BLOCK_B, BLOCK_H=lstm_cell.BLOCK_H)
+        jobs += [(f"{name}-bias{bias}-{dtype}", getattr(lstm_cell, name), dtype, consts, lstm_cell.NUM_WARPS)
+                 for dtype in DTYPES]
     jobs = [(case, kernel, _signature(kernel, dtype, consts), consts, {"num_warps": num_warps})
             for case, kernel, dtype, consts, num_warps in jobs] + _pool_jobs() + _attention_jobs()
     results = {}

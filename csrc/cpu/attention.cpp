@@ -21,7 +21,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../attention_checks.h"
 #include "attention_tile.h"
 
 namespace ctxkern {

@@ -18,10 +18,13 @@
 #include <optional>
 #include <tuple>
 
+#include "../attention_checks.h"
 #include "../checks.h"
+#include "../lstm_cell_checks.h"
 #include "../masked_mean_pool_checks.h"
 #include "attention.h"
 #include "layer_norm.h"
+#include "lstm_cell.h"
 #include "masked_mean_pool.h"
 
 namespace {
@@ -429,6 +432,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// lstm_cell
+
+// The kernels take one row stride per operand; a single row gets its width (see row_stride).
+std::tuple<at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                                                      const at::Tensor& c, const std::optional<at::Tensor>& bias,
+                                                      std::optional<double> cell_clip) {
+  ctxkern::check_lstm_cell_fwd_args(input_gates, hidden_gates, c, bias, cell_clip, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.device());
+  const int64_t B = c.size(0), H = c.size(1);
+  at::Tensor h = at::empty({B, H}, c.options());
+  at::Tensor c_new = at::empty({B, H}, c.options());
+  check_cuda(ctxkern::cuda::lstm_cell_fwd_launch(storage_dtype(c), input_gates.data_ptr(), row_stride(input_gates),
+                                                 hidden_gates.data_ptr(), row_stride(hidden_gates), c.data_ptr(),
+                                                 row_stride(c), data_or_null(bias), h.data_ptr(), c_new.data_ptr(), B,
+                                                 H, ctxkern::clip_bound(cell_clip), c10::cuda::getCurrentCUDAStream()),
+             "lstm_cell_fwd kernel launch");
+  return {h, c_new};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cuda(
+    const at::Tensor& dh, const at::Tensor& dc_new, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+    const at::Tensor& c, const std::optional<at::Tensor>& bias, std::optional<double> cell_clip) {
+  ctxkern::check_lstm_cell_bwd_args(dh, dc_new, input_gates, hidden_gates, c, bias, cell_clip, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.device());
+  const int64_t B = c.size(0), H = c.size(1);
+  at::Tensor dgates = at::empty({B, 4 * H}, c.options());
+  at::Tensor dc = at::empty({B, H}, c.options());
+  if (B == 0 || H == 0) {
+    // A sum over no rows: dbias is zeros, not uninitialised memory.
+    return {dgates, dc, bias ? at::zeros({4 * H}, c.options()) : at::empty({0}, c.options())};
+  }
+  at::Tensor dbias = bias ? at::empty({4 * H}, c.options()) : at::empty({0}, c.options());
+  std::optional<at::Tensor> workspace;
+  if (bias) workspace = at::empty({ctxkern::cuda::lstm_cell_bwd_workspace_rows(B), 4 * H}, c.options().dtype(at::kFloat));
+  check_cuda(ctxkern::cuda::lstm_cell_bwd_launch(
+                 storage_dtype(c), dh.data_ptr(), row_stride(dh), dc_new.data_ptr(), row_stride(dc_new),
+                 input_gates.data_ptr(), row_stride(input_gates), hidden_gates.data_ptr(), row_stride(hidden_gates),
+                 c.data_ptr(), row_stride(c), data_or_null(bias), dgates.data_ptr(), dc.data_ptr(),
+                 bias ? dbias.data_ptr() : nullptr, bias ? workspace->data_ptr<float>() : nullptr, B, H,
+                 ctxkern::clip_bound(cell_clip), c10::cuda::getCurrentCUDAStream()),
+             "lstm_cell_bwd kernel launch");
+  return {dgates, dc, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
@@ -442,4 +490,6 @@ TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
   m.impl("attention_bwd", TORCH_FN(attention_bwd_cuda));
   m.impl("attention_varlen_fwd", TORCH_FN(attention_varlen_fwd_cuda));
   m.impl("attention_varlen_bwd", TORCH_FN(attention_varlen_bwd_cuda));
+  m.impl("lstm_cell_fwd", TORCH_FN(lstm_cell_fwd_cuda));
+  m.impl("lstm_cell_bwd", TORCH_FN(lstm_cell_bwd_cuda));
 }

@@ -8,7 +8,7 @@
 
 #include <cuda_runtime.h>
 
-#include "layer_norm.h"  // DType, the storage dtype shared by every launcher
+#include "dtype.h"
 
 namespace ctxkern {
 namespace cuda {

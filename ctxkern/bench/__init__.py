@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ctxkern.bench import attention, layer_norm, masked_mean_pool
+from ctxkern.bench import attention, layer_norm, lstm, masked_mean_pool
 from ctxkern.bench.case import Case, run_case
 from ctxkern.bench.peaks import measure_peaks
 from ctxkern.bench.report import git_commit
@@ -17,7 +17,9 @@ from ctxkern.bench.report import git_commit
 # op name -> cases(device, quick, with_compile)
 OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_norm.cases,
                                                             "masked_mean_pool": masked_mean_pool.cases,
-                                                            "attention": attention.cases}
+                                                            "attention": attention.cases,
+                                                            "lstm_cell": lstm.cell_cases,
+                                                            "lstm": lstm.layer_cases}
 
 
 def steady_cpu_allocator() -> str:

@@ -1,0 +1,356 @@
+// LSTM cell (torch's gate order i, f, g, o), forward and backward, on the CPU.
+//
+// One cell unit (row b, column j < H) reads its four gate pre-activations at columns j, H + j, 2H + j and
+// 3H + j of input_gates and hidden_gates, plus c[b, j]; everything stays in registers from the loads to h and
+// c_new, so each operand crosses memory once. Vector lanes hold consecutive units j.
+// Work split: the forward runs at::parallel_for over (row, block of kColBlock columns) tiles. The backward
+// runs it over column blocks only, one thread owning a block for every row: dbias (the sum of dgates over
+// the batch) then accumulates in that thread's fp32 registers in row order, deterministic and without a
+// second pass or partials. Nothing is saved by the forward: the backward recomputes the activations from the
+// pre-activations, which it must read anyway, instead of the forward writing and the backward reading a
+// (B, 4H) tensor of activations. The same templated cell math serves the vector and the scalar tail loops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../lstm_cell_checks.h"
+
+namespace ctxkern {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStep = 2 * kVec;  // one Vectorized<fp16/bf16> widens to two of fp32
+constexpr int64_t kColBlock = 4 * kStep;
+static_assert(kColBlock % kStep == 0, "a column block is whole vector steps");
+
+// p[0, kStep) as two fp32 vectors; a null p (an absent bias) reads as zeros.
+template <typename T>
+inline void load2(const T* p, Vec& a, Vec& b) {
+  if (p == nullptr) {
+    a = b = Vec(0.f);
+  } else if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kVec);
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kVec);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// The cell math on a Vec of units or on one float, same formulas for both. Five transcendentals per unit make
+// the cell compute-bound on a CPU, so all of them are one exp (Sleef's, 1 ulp), the cheapest of Sleef's
+// functions: tanh(x) = 1 - 2 / (exp(2x) + 1) is exact at both saturations (exp overflowing to inf gives 1)
+// and has an absolute error of a few 1e-8 near 0, where a relative one would be larger; the fp32 tolerances
+// of the tests, and what consumes h and c, are absolute at that scale.
+inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+inline Vec tanh_of(const Vec& x) { return Vec(1.f) - Vec(2.f) / ((x + x).exp() + Vec(1.f)); }
+inline float tanh_of(float x) { return std::tanh(x); }
+inline Vec clamp_to(const Vec& x, const Vec& bound) { return at::vec::clamp(x, bound.neg(), bound); }
+inline float clamp_to(float x, float bound) { return std::min(std::max(x, -bound), bound); }
+// d where |x| <= bound, else 0: torch.clamp's gradient, which passes at the bounds themselves.
+inline Vec pass_within(const Vec& d, const Vec& x, const Vec& bound) {
+  return Vec::blendv(Vec(0.f), d, x.abs() <= bound);
+}
+inline float pass_within(float d, float x, float bound) { return std::abs(x) <= bound ? d : 0.f; }
+
+// Activations of one set of units: sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), the unclamped cell
+// c_raw = sigmoid(f) * c + sigmoid(i) * tanh(g) and tanh(clamp(c_raw)).
+template <typename V>
+struct Activations {
+  V i, f, g, o, c_raw, tanh_c;
+};
+
+template <typename V>
+inline Activations<V> activate(const std::array<V, 4>& pre, const V& c, const V& clip) {
+  Activations<V> a;
+  a.i = sigmoid(pre[0]);
+  a.f = sigmoid(pre[1]);
+  a.g = tanh_of(pre[2]);
+  a.o = sigmoid(pre[3]);
+  a.c_raw = a.f * c + a.i * a.g;
+  a.tanh_c = tanh_of(clamp_to(a.c_raw, clip));
+  return a;
+}
+
+// Gradients of one set of units: dgates[0..4) (for i, f, g, o) and dc, given dh, dc_new.
+template <typename V>
+inline void cell_backward(const Activations<V>& a, const V& c, const V& dh, const V& dc_new, const V& clip,
+                          std::array<V, 4>& dgates, V& dc) {
+  const V one(1.f);
+  const V dc_clamped = dc_new + dh * a.o * (one - a.tanh_c * a.tanh_c);
+  const V dc_raw = pass_within(dc_clamped, a.c_raw, clip);
+  dgates[0] = dc_raw * a.g * a.i * (one - a.i);
+  dgates[1] = dc_raw * c * a.f * (one - a.f);
+  dgates[2] = dc_raw * a.i * (one - a.g * a.g);
+  dgates[3] = dh * a.tanh_c * a.o * (one - a.o);
+  dc = dc_raw * a.f;
+}
+
+// Raw pointers and row strides (in elements) of one call; every (B, 4H) / (B, H) operand has a contiguous
+// last dim. Gate k of unit j of row b is at column k * H + j.
+template <typename T>
+struct CellArgs {
+  const T* input_gates;   // (B, 4H), row stride ig_stride
+  const T* hidden_gates;  // (B, 4H), row stride hg_stride
+  const T* c;             // (B, H), row stride c_stride
+  const T* bias;          // (4H,) or null
+  int64_t ig_stride, hg_stride, c_stride, H;
+  float clip;             // +inf when there is no clip
+
+  // Pre-activations of gates i, f, g, o for the kStep units from column j of row b.
+  void load_pre(int64_t b, int64_t j, std::array<Vec, 4>& lo, std::array<Vec, 4>& hi) const {
+    for (int k = 0; k < 4; ++k) {
+      Vec x0, x1, y0, y1, b0, b1;
+      load2(input_gates + b * ig_stride + k * H + j, x0, x1);
+      load2(hidden_gates + b * hg_stride + k * H + j, y0, y1);
+      load2(bias ? bias + k * H + j : nullptr, b0, b1);
+      lo[k] = x0 + y0 + b0;
+      hi[k] = x1 + y1 + b1;
+    }
+  }
+
+  std::array<float, 4> load_pre_scalar(int64_t b, int64_t j) const {
+    std::array<float, 4> pre;
+    for (int k = 0; k < 4; ++k) {
+      pre[k] = static_cast<float>(input_gates[b * ig_stride + k * H + j]) +
+               static_cast<float>(hidden_gates[b * hg_stride + k * H + j]) +
+               (bias ? static_cast<float>(bias[k * H + j]) : 0.f);
+    }
+    return pre;
+  }
+};
+
+template <typename T>
+CellArgs<T> cell_args(const at::Tensor& ig, const at::Tensor& hg, const at::Tensor& c,
+                      const std::optional<at::Tensor>& bias, std::optional<double> cell_clip) {
+  return {ig.const_data_ptr<T>(), hg.const_data_ptr<T>(), c.const_data_ptr<T>(),
+          bias ? bias->const_data_ptr<T>() : nullptr, ig.stride(0), hg.stride(0), c.stride(0), c.size(1),
+          clip_bound(cell_clip)};
+}
+
+template <typename T>
+void forward(const CellArgs<T>& a, int64_t B, T* h, T* c_new) {  // h, c_new: (B, H) contiguous
+  const int64_t H = a.H;
+  const int64_t blocks = (H + kColBlock - 1) / kColBlock;
+  const Vec clip(a.clip);
+  // About 16K units per task: enough work to be worth a thread, small enough to split (16, 512) in two.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::min(H, kColBlock));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / blocks, j0 = (tile % blocks) * kColBlock, j1 = std::min(H, j0 + kColBlock);
+      const T* c_row = a.c + b * a.c_stride;
+      int64_t j = j0;
+      for (; j + kStep <= j1; j += kStep) {
+        std::array<Vec, 4> pre_lo, pre_hi;
+        a.load_pre(b, j, pre_lo, pre_hi);
+        Vec c_lo, c_hi;
+        load2(c_row + j, c_lo, c_hi);
+        const Activations<Vec> lo = activate(pre_lo, c_lo, clip), hi = activate(pre_hi, c_hi, clip);
+        store2(h + b * H + j, lo.o * lo.tanh_c, hi.o * hi.tanh_c);
+        store2(c_new + b * H + j, clamp_to(lo.c_raw, clip), clamp_to(hi.c_raw, clip));
+      }
+      for (; j < j1; ++j) {
+        const Activations<float> s = activate(a.load_pre_scalar(b, j), static_cast<float>(c_row[j]), a.clip);
+        h[b * H + j] = static_cast<T>(s.o * s.tanh_c);
+        c_new[b * H + j] = static_cast<T>(clamp_to(s.c_raw, a.clip));
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward(const CellArgs<T>& a, int64_t B, const T* dh, int64_t dh_stride,  // dh: (B, H)
+              const T* dc_new, int64_t dc_new_stride,                           // dc_new: (B, H)
+              T* dgates, T* dc, T* dbias) {  // dgates (B, 4H), dc (B, H) contiguous; dbias (4H,) or null
+  const int64_t H = a.H;
+  const int64_t blocks = (H + kColBlock - 1) / kColBlock;
+  const Vec clip(a.clip);
+  // At least ~16K units per task, as in the forward: a small cell is not worth waking a second thread for.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * kColBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::array<float, 4 * kColBlock> dbias_acc;  // gate k, column j0 + u at k * kColBlock + u
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t j0 = blk * kColBlock, j1 = std::min(H, j0 + kColBlock);
+      dbias_acc.fill(0.f);
+      for (int64_t b = 0; b < B; ++b) {
+        const T* c_row = a.c + b * a.c_stride;
+        const T* dh_row = dh + b * dh_stride;
+        const T* dcn_row = dc_new + b * dc_new_stride;
+        int64_t j = j0;
+        for (; j + kStep <= j1; j += kStep) {
+          std::array<Vec, 4> pre[2], dg[2];
+          a.load_pre(b, j, pre[0], pre[1]);
+          Vec cv[2], dhv[2], dcnv[2], dcv[2];
+          load2(c_row + j, cv[0], cv[1]);
+          load2(dh_row + j, dhv[0], dhv[1]);
+          load2(dcn_row + j, dcnv[0], dcnv[1]);
+          for (int half = 0; half < 2; ++half) {
+            cell_backward(activate(pre[half], cv[half], clip), cv[half], dhv[half], dcnv[half], clip, dg[half],
+                          dcv[half]);
+          }
+          for (int k = 0; k < 4; ++k) {
+            store2(dgates + b * 4 * H + k * H + j, dg[0][k], dg[1][k]);
+            float* acc = dbias_acc.data() + k * kColBlock + (j - j0);
+            (Vec::loadu(acc) + dg[0][k]).store(acc);
+            (Vec::loadu(acc + kVec) + dg[1][k]).store(acc + kVec);
+          }
+          store2(dc + b * H + j, dcv[0], dcv[1]);
+        }
+        for (; j < j1; ++j) {
+          const float cs = static_cast<float>(c_row[j]);
+          std::array<float, 4> dg;
+          float dcs;
+          cell_backward(activate(a.load_pre_scalar(b, j), cs, a.clip), cs, static_cast<float>(dh_row[j]),
+                        static_cast<float>(dcn_row[j]), a.clip, dg, dcs);
+          for (int k = 0; k < 4; ++k) {
+            dgates[b * 4 * H + k * H + j] = static_cast<T>(dg[k]);
+            dbias_acc[k * kColBlock + (j - j0)] += dg[k];
+          }
+          dc[b * H + j] = static_cast<T>(dcs);
+        }
+      }
+      if (dbias) {
+        for (int k = 0; k < 4; ++k) {
+          for (int64_t j = j0; j < j1; ++j) dbias[k * H + j] = static_cast<T>(dbias_acc[k * kColBlock + (j - j0)]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                                                     const at::Tensor& c, const std::optional<at::Tensor>& bias,
+                                                     std::optional<double> cell_clip) {
+  check_lstm_cell_fwd_args(input_gates, hidden_gates, c, bias, cell_clip, at::kCPU);
+  const int64_t B = c.size(0), H = c.size(1);
+  at::Tensor h = at::empty({B, H}, c.options());
+  at::Tensor c_new = at::empty({B, H}, c.options());
+  if (B == 0 || H == 0) return {h, c_new};
+  CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_cell_fwd_cpu", [&] {
+    forward(cell_args<scalar_t>(input_gates, hidden_gates, c, bias, cell_clip), B, h.data_ptr<scalar_t>(),
+            c_new.data_ptr<scalar_t>());
+  });
+  return {h, c_new};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
+    const at::Tensor& dh, const at::Tensor& dc_new, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+    const at::Tensor& c, const std::optional<at::Tensor>& bias, std::optional<double> cell_clip) {
+  check_lstm_cell_bwd_args(dh, dc_new, input_gates, hidden_gates, c, bias, cell_clip, at::kCPU);
+  const int64_t B = c.size(0), H = c.size(1);
+  at::Tensor dgates = at::empty({B, 4 * H}, c.options());
+  at::Tensor dc = at::empty({B, H}, c.options());
+  // A sum over no rows is zeros, so an empty batch still gets a defined dbias.
+  at::Tensor dbias = bias ? at::zeros({4 * H}, c.options()) : at::empty({0}, c.options());
+  if (B == 0 || H == 0) return {dgates, dc, dbias};
+  CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_cell_bwd_cpu", [&] {
+    backward(cell_args<scalar_t>(input_gates, hidden_gates, c, bias, cell_clip), B, dh.const_data_ptr<scalar_t>(),
+             dh.stride(0), dc_new.const_data_ptr<scalar_t>(), dc_new.stride(0), dgates.data_ptr<scalar_t>(),
+             dc.data_ptr<scalar_t>(), bias ? dbias.data_ptr<scalar_t>() : nullptr);
+  });
+  return {dgates, dc, dbias};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The recurrence of one layer and direction, for inference. Each step is the recurrent product into a
+// preallocated buffer, the cell kernel writing c in place (each unit reads its c before writing it) and h
+// straight into the output rows (or into a buffer the projection then reads), and a copy of the new h rows
+// into the state: no allocation and no Python per step.
+
+void check_lstm_layer_args(const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0,
+                           const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& bias, std::optional<double> cell_clip,
+                           std::optional<double> proj_clip) {
+  TORCH_CHECK(gates_in.device().is_cpu(), "gates_in must be a CPU tensor, got ", gates_in.device());
+  check_float_storage(gates_in, "gates_in");
+  TORCH_CHECK(gates_in.dim() == 2 && gates_in.size(1) % 4 == 0 && (gates_in.size(1) <= 1 || gates_in.stride(1) == 1),
+              "gates_in must be (N, 4H) with a contiguous last dim, got ", gates_in.sizes());
+  const int64_t H = gates_in.size(1) / 4, B = h0.size(0), P = w_hr ? w_hr->size(0) : H;
+  int64_t rows = 0, previous = B;
+  for (int64_t n : batch_sizes) {
+    TORCH_CHECK(n >= 0 && n <= previous, "batch_sizes must be non-increasing and at most h0's batch ", B);
+    previous = n;
+    rows += n;
+  }
+  TORCH_CHECK(rows == gates_in.size(0), "batch_sizes must sum to gates_in's rows ", gates_in.size(0), ", got ", rows);
+  auto check = [&](const at::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.scalar_type() == gates_in.scalar_type() && t.device() == gates_in.device(), name,
+                " must have gates_in's dtype and device");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+                t.sizes());
+  };
+  check(h0, {B, P}, "h0");
+  check(c0, {B, H}, "c0");
+  check(w_hh, {4 * H, P}, "w_hh");
+  if (w_hr) check(*w_hr, {P, H}, "w_hr");
+  if (bias) check(*bias, {4 * H}, "bias");
+  TORCH_CHECK(!cell_clip || *cell_clip >= 0.0, "cell_clip must be >= 0 (or None)");
+  TORCH_CHECK(!proj_clip || *proj_clip >= 0.0, "proj_clip must be >= 0 (or None)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
+    std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse) {
+  check_lstm_layer_args(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip);
+  const int64_t H = c0.size(1), B = h0.size(0), P = h0.size(1), steps = batch_sizes.size();
+  at::Tensor out = at::empty({gates_in.size(0), P}, h0.options());
+  at::Tensor h = h0.contiguous().clone();                           // (B, P) state
+  at::Tensor c = c0.contiguous().clone();                           // (B, H) state, updated in place
+  at::Tensor hidden_gates = at::empty({B, 4 * H}, c0.options());    // (B, 4H) h W_hh^T of one step
+  at::Tensor h_cell = w_hr ? at::empty({B, H}, c0.options()) : at::Tensor();  // (B, H) before the projection
+  const at::Tensor w_hh_t = w_hh.t();
+  std::vector<int64_t> offsets(steps + 1, 0);
+  for (int64_t t = 0; t < steps; ++t) offsets[t + 1] = offsets[t] + batch_sizes[t];
+
+  for (int64_t k = 0; k < steps; ++k) {
+    const int64_t t = reverse ? steps - 1 - k : k, n = batch_sizes[t];
+    if (n == 0) continue;
+    // The bias goes into the recurrent product (addmm, as torch.nn.LSTM's own loop does), not into the cell.
+    at::Tensor hg = hidden_gates.narrow(0, 0, n);
+    if (bias) {
+      at::addmm_out(hg, *bias, h.narrow(0, 0, n), w_hh_t);
+    } else {
+      at::mm_out(hg, h.narrow(0, 0, n), w_hh_t);
+    }
+    at::Tensor out_rows = out.narrow(0, offsets[t], n);              // (n, P)
+    at::Tensor cell_out = w_hr ? h_cell.narrow(0, 0, n) : out_rows;  // (n, H)
+    at::Tensor c_rows = c.narrow(0, 0, n);
+    CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_layer_fwd_cpu", [&] {
+      forward(cell_args<scalar_t>(gates_in.narrow(0, offsets[t], n), hg, c_rows, std::nullopt, cell_clip), n,
+              cell_out.data_ptr<scalar_t>(), c_rows.data_ptr<scalar_t>());
+    });
+    if (w_hr) at::mm_out(out_rows, cell_out, w_hr->t());
+    if (proj_clip) out_rows.clamp_(-*proj_clip, *proj_clip);
+    h.narrow(0, 0, n).copy_(out_rows);
+  }
+  return {out, h, c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ctxkern, CPU, m) {
+  m.impl("lstm_cell_fwd", &lstm_cell_fwd_cpu);
+  m.impl("lstm_cell_bwd", &lstm_cell_bwd_cpu);
+  m.impl("lstm_layer_fwd", &lstm_layer_fwd_cpu);
+}
+
+}  // namespace ctxkern
