@@ -27,8 +27,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _sequence_bounds(CU_Q, CU_K, b, Sq, Sk, IS_VARLEN: tl.constexpr):
-    """(first row, length) of sequence b's queries and keys; dense batches start every sequence at row 0."""
+def _program_sequence(CU_Q, CU_K, H, Sq, Sk, IS_VARLEN: tl.constexpr):
+    """Program axis 1 is b * H + h: -> b, h and the (first row, length) of sequence b's queries and keys;
+    dense batches start every sequence at row 0."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     if IS_VARLEN:
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -39,7 +43,7 @@ def _sequence_bounds(CU_Q, CU_K, b, Sq, Sk, IS_VARLEN: tl.constexpr):
         k_start = tl.full([], 0, tl.int32)
         q_len = Sq
         k_len = Sk
-    return q_start, q_len, k_start, k_len
+    return b, h, q_start, q_len, k_start, k_len
 
 
 @triton.jit
@@ -64,6 +68,42 @@ def _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL: tl.conste
 
 
 @triton.jit
+def _key_end(pid_m, b, k_len, q_len, KvEnd, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Keys at or past the result are invisible to every row of query block pid_m: past the causal diagonal of
+    its last row, or past the sequence's last real key."""
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + k_len - q_len)
+    if HAS_MASK:
+        hi = tl.minimum(hi, tl.load(KvEnd + b))
+    return hi
+
+
+@triton.jit
+def _load_rows(X, rows, dims, stride_s, mask):
+    """The (len(rows), len(dims)) tile of X's rows `rows`, zeros where mask is off."""
+    return tl.load(X + rows[:, None].to(tl.int64) * stride_s + dims[None, :], mask=mask, other=0.0)
+
+
+# The backward's two tile steps serve both orientations: the dq kernel's (query, key) tiles, called with
+# (q, k) and (do, v), and the dk/dv kernel's transposed (key, query) tiles, called with (k, q) and (v, do);
+# lse and delta come broadcast along the query axis.
+
+@triton.jit
+def _bwd_probs(s_lhs, s_rhs, lse, allowed, qk_scale_log2, PRECISION: tl.constexpr):
+    """P = exp2(s_lhs s_rhs^T * qk_scale_log2 - lse) where allowed, 0 elsewhere: the forward's probabilities,
+    recomputed from its log-sum-exp (base 2)."""
+    s = _dot(s_lhs, tl.trans(s_rhs), PRECISION) * qk_scale_log2
+    return tl.where(allowed, tl.exp2(s - lse), 0.0)
+
+
+@triton.jit
+def _bwd_dscores(p, dp_lhs, dp_rhs, delta, PRECISION: tl.constexpr):
+    """dS = P * (dP - delta) with dP = dp_lhs dp_rhs^T: the gradient of the scaled scores."""
+    return p * (_dot(dp_lhs, tl.trans(dp_rhs), PRECISION) - delta)
+
+
+@triton.jit
 def _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, b, k_len, q_len, Mask, stride_mask_b,
                    stride_ks, stride_vs, qk_scale_log2, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                    PRECISION: tl.constexpr, MASKED: tl.constexpr):
@@ -73,7 +113,7 @@ def _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, 
     kv_mask = dim_ok[None, :]
     if MASKED:
         kv_mask = kv_mask & (cols < k_len)[:, None]
-    k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, cols, dims, stride_ks, kv_mask)
     s = _dot(q, tl.trans(k), PRECISION) * qk_scale_log2
     if MASKED:
         s = tl.where(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK), s, float("-inf"))
@@ -83,7 +123,7 @@ def _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, 
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+    v = _load_rows(V, cols, dims, stride_vs, kv_mask)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
@@ -118,10 +158,7 @@ def _attention_fwd_kernel(
     # Program (m, b * H + h) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence b, head h: their
     # running max, running sum and (BLOCK_M, BLOCK_D) fp32 accumulator stay in registers for the whole loop.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuQ, CuK, b, Sq, Sk, IS_VARLEN)
+    b, h, q_start, q_len, k_start, k_len = _program_sequence(CuQ, CuK, H, Sq, Sk, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,18 +168,12 @@ def _attention_fwd_kernel(
     dim_ok = dims < D
     b64 = b.to(tl.int64)
     q_rows = (q_start + rows).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, q_start + rows, dims, stride_qs,
+                   row_ok[:, None] & dim_ok[None, :])
     K += b64 * stride_kb + h * stride_kh + k_start.to(tl.int64) * stride_ks
     V += b64 * stride_vb + h * stride_vh + k_start.to(tl.int64) * stride_vs
 
-    # Keys past `hi` are invisible to every row of this block: past the causal diagonal of its last row, or
-    # past the sequence's last real key.
-    hi = k_len
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + k_len - q_len)
-    if HAS_MASK:
-        hi = tl.minimum(hi, tl.load(KvEnd + b))
+    hi = _key_end(pid_m, b, k_len, q_len, KvEnd, CAUSAL, HAS_MASK, BLOCK_M)
 
     # Blocks before `full_end` are seen whole by every row (in range, below the diagonal, no padding mask)
     # and skip the masking; the rest, up to `hi`, are masked key by key.
@@ -190,21 +221,15 @@ def _attention_bwd_delta_kernel(
     # Program (m, b * H + h) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence b, head h:
     # delta = rowsum(dout * out), the softmax-backward term every key of a row shares, in fp32.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, _k_start, _k_len = _sequence_bounds(CuQ, CuK, b, Sq, Sk, IS_VARLEN)
+    b, h, q_start, q_len, _k_start, _k_len = _program_sequence(CuQ, CuK, H, Sq, Sk, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     tile_mask = (rows < q_len)[:, None] & (dims < D)[None, :]
     b64 = b.to(tl.int64)
-    q_rows = (q_start + rows).to(tl.int64)
-    o = tl.load(Out + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + dims[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + dims[None, :],
-                 mask=tile_mask, other=0.0)
+    o = _load_rows(Out + b64 * stride_ob + h * stride_oh, q_start + rows, dims, stride_os, tile_mask)
+    do = _load_rows(DOut + b64 * stride_dob + h * stride_doh, q_start + rows, dims, stride_dos, tile_mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + b64 * stride_lb + h * stride_lh + q_start + rows, delta, mask=rows < q_len)
 
@@ -238,10 +263,7 @@ def _attention_bwd_dkdv_kernel(
     # their k, v and fp32 dk, dv accumulators in registers and walks the query blocks that may see them,
     # recomputing P^T = exp(k q^T * scale - lse) tile by tile.
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuQ, CuK, b, Sq, Sk, IS_VARLEN)
+    b, h, q_start, q_len, k_start, k_len = _program_sequence(CuQ, CuK, H, Sq, Sk, IS_VARLEN)
     if pid_n * BLOCK_N >= k_len:
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,10 +274,8 @@ def _attention_bwd_dkdv_kernel(
     tile_mask = col_ok[:, None] & dim_ok[None, :]
     b64 = b.to(tl.int64)
     k_rows = (k_start + cols).to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + h * stride_kh + k_rows[:, None] * stride_ks + dims[None, :],
-                mask=tile_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + h * stride_vh + k_rows[:, None] * stride_vs + dims[None, :],
-                mask=tile_mask, other=0.0)
+    k = _load_rows(K + b64 * stride_kb + h * stride_kh, k_start + cols, dims, stride_ks, tile_mask)
+    v = _load_rows(V + b64 * stride_vb + h * stride_vh, k_start + cols, dims, stride_vs, tile_mask)
     Q += b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
     DOut += b64 * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
     Lse += b64 * stride_lb + h * stride_lh + q_start
@@ -275,17 +295,15 @@ def _attention_bwd_dkdv_kernel(
         rows = start_m + offs_m
         row_ok = rows < q_len
         q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + rows[:, None].to(tl.int64) * stride_qs + dims[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DOut + rows[:, None].to(tl.int64) * stride_dos + dims[None, :], mask=q_mask, other=0.0)
+        q = _load_rows(Q, rows, dims, stride_qs, q_mask)
+        do = _load_rows(DOut, rows, dims, stride_dos, q_mask)
         # +inf for rows out of range makes their P exactly 0, like rows that see no key.
         lse = tl.load(Lse + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), PRECISION) * (scale * LOG2E)
         allowed_t = tl.trans(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK))
-        p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = _bwd_probs(k, q, lse[None, :], allowed_t, scale * LOG2E, PRECISION)
         dv += _dot(p_t.to(do.dtype), do, PRECISION)
-        dp_t = _dot(v, tl.trans(do), PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = _bwd_dscores(p_t, v, do, delta[None, :], PRECISION)
         dk += _dot(ds_t.to(q.dtype), q, PRECISION)
 
     out_offsets = b64 * stride_dkb + h * stride_dkh + k_rows[:, None] * stride_dks + dims[None, :]
@@ -318,10 +336,7 @@ def _attention_bwd_dq_kernel(
     # Program (m, b * H + h) owns query rows [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence b, head h: their
     # q, dout, lse, delta and fp32 dq accumulator, over the same key blocks the forward visited.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuQ, CuK, b, Sq, Sk, IS_VARLEN)
+    b, h, q_start, q_len, k_start, k_len = _program_sequence(CuQ, CuK, H, Sq, Sk, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -332,33 +347,25 @@ def _attention_bwd_dq_kernel(
     tile_mask = row_ok[:, None] & dim_ok[None, :]
     b64 = b.to(tl.int64)
     q_rows = (q_start + rows).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + dims[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load(DOut + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + dims[None, :],
-                 mask=tile_mask, other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh, q_start + rows, dims, stride_qs, tile_mask)
+    do = _load_rows(DOut + b64 * stride_dob + h * stride_doh, q_start + rows, dims, stride_dos, tile_mask)
     stat_offsets = b64 * stride_lb + h * stride_lh + q_start + rows
     lse = tl.load(Lse + stat_offsets, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + stat_offsets, mask=row_ok, other=0.0)
     K += b64 * stride_kb + h * stride_kh + k_start.to(tl.int64) * stride_ks
     V += b64 * stride_vb + h * stride_vh + k_start.to(tl.int64) * stride_vs
 
-    hi = k_len
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + k_len - q_len)
-    if HAS_MASK:
-        hi = tl.minimum(hi, tl.load(KvEnd + b))
+    hi = _key_end(pid_m, b, k_len, q_len, KvEnd, CAUSAL, HAS_MASK, BLOCK_M)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * (scale * LOG2E)
+        k = _load_rows(K, cols, dims, stride_ks, kv_mask)
+        v = _load_rows(V, cols, dims, stride_vs, kv_mask)
         allowed = _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK)
-        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
+        p = _bwd_probs(q, k, lse[:, None], allowed, scale * LOG2E, PRECISION)
+        ds = _bwd_dscores(p, do, v, delta[:, None], PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
 
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + dims[None, :],
