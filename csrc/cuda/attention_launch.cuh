@@ -17,11 +17,6 @@ namespace attn {
 constexpr int64_t kMaxGridX = 0x7fffffff;
 
 template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename T>
 struct IsF32 {
   static constexpr bool value = false;
 };
@@ -33,7 +28,7 @@ struct IsF32<float> {
 // Calls f(TypeTag<T>{}, IntConst<D>{}) for the storage type and one of the supported head dims.
 template <typename F>
 cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
-  auto by_dim = [&](auto tag) -> cudaError_t {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     switch (head_dim) {
       case 32:
         return f(tag, IntConst<32>{});
@@ -48,15 +43,7 @@ cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
       default:
         return cudaErrorInvalidValue;
     }
-  };
-  switch (dtype) {
-    case DType::F16:
-      return by_dim(TypeTag<__half>{});
-    case DType::BF16:
-      return by_dim(TypeTag<__nv_bfloat16>{});
-    default:
-      return by_dim(TypeTag<float>{});
-  }
+  });
 }
 
 }  // namespace attn

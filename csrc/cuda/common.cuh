@@ -1,10 +1,15 @@
-// Device helpers shared by the ctxkern CUDA kernels: fp32 conversion of the storage types, vectorized
-// loads and stores, and warp / block sums. Torch-free, like every file in csrc/cuda except bindings.cpp.
+// Helpers shared by the ctxkern CUDA kernels: fp32 conversion of the storage types, vectorized loads and
+// stores, warp / block sums, and the host-side dispatch of a DType onto template kernels. Torch-free, like
+// every file in csrc/cuda except bindings.cpp.
 #pragma once
+
+#include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "dtype.h"
 
 namespace ctxkern {
 namespace cuda {
@@ -16,6 +21,32 @@ template <int V>
 struct IntConst {
   static constexpr int value = V;
 };
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T the storage type of dtype (float, __half or __nv_bfloat16) and returns its result.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Whether p allows 16-byte vector accesses; nullptr (an absent operand) does.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // fp16 and bf16 are storage formats only: every value goes through fp32 before any arithmetic.
 // Explicit intrinsics, because torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.

@@ -545,32 +545,8 @@ __global__ void __launch_bounds__(kFinalCols * kFinalRows)
 // ---------------------------------------------------------------------------------------------------------
 // Host side: path choice and launches.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // A (M, N) operand can take VEC-wide accesses when its base is 16-byte aligned and every row start is too.
 bool rows_aligned(const void* p, int64_t stride, int vec) { return aligned16(p) && stride % vec == 0; }
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32:
-      return f(TypeTag<float>{});
-    case DType::F16:
-      return f(TypeTag<__half>{});
-    case DType::BF16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 // ITERS values instantiated per path: the first one >= the row's chunk count is launched. The vector paths
 // get every count so that registers match the row (N = 768 in fp16 is 3 chunks of 256 per warp, not 4); the

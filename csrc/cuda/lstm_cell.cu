@@ -172,8 +172,6 @@ unsigned grid_for(int64_t threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (threads + kThreads - 1) / kThreads)));
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The 16-byte path needs whole vectors in H and in every row stride, and 16-byte aligned base pointers.
 template <typename T>
 bool can_vectorize(int64_t H, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
@@ -239,19 +237,11 @@ cudaError_t lstm_cell_fwd_launch(DType dtype, const void* input_gates, int64_t i
                                  int64_t hg_stride, const void* c, int64_t c_stride, const void* bias, void* h,
                                  void* c_new, int64_t B, int64_t H, float clip, cudaStream_t stream) {
   if (B == 0 || H == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::F32:
-      fwd<float>(input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride, bias, h, c_new, B, H, clip, stream);
-      break;
-    case DType::F16:
-      fwd<__half>(input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride, bias, h, c_new, B, H, clip, stream);
-      break;
-    case DType::BF16:
-      fwd<__nv_bfloat16>(input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride, bias, h, c_new, B, H, clip,
-                         stream);
-      break;
-  }
-  return cudaGetLastError();
+  return dispatch_dtype(dtype, [&](auto tag) {
+    fwd<typename decltype(tag)::type>(input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride, bias, h, c_new, B,
+                                      H, clip, stream);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t lstm_cell_bwd_launch(DType dtype, const void* dh, int64_t dh_stride, const void* dc_new,
@@ -260,21 +250,11 @@ cudaError_t lstm_cell_bwd_launch(DType dtype, const void* dh, int64_t dh_stride,
                                  const void* bias, void* dgates, void* dc, void* dbias, float* workspace, int64_t B,
                                  int64_t H, float clip, cudaStream_t stream) {
   if (B == 0 || H == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::F32:
-      bwd<float>(dh, dh_stride, dc_new, dc_new_stride, input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride,
-                 bias, dgates, dc, dbias, workspace, B, H, clip, stream);
-      break;
-    case DType::F16:
-      bwd<__half>(dh, dh_stride, dc_new, dc_new_stride, input_gates, ig_stride, hidden_gates, hg_stride, c, c_stride,
-                  bias, dgates, dc, dbias, workspace, B, H, clip, stream);
-      break;
-    case DType::BF16:
-      bwd<__nv_bfloat16>(dh, dh_stride, dc_new, dc_new_stride, input_gates, ig_stride, hidden_gates, hg_stride, c,
-                         c_stride, bias, dgates, dc, dbias, workspace, B, H, clip, stream);
-      break;
-  }
-  return cudaGetLastError();
+  return dispatch_dtype(dtype, [&](auto tag) {
+    bwd<typename decltype(tag)::type>(dh, dh_stride, dc_new, dc_new_stride, input_gates, ig_stride, hidden_gates,
+                                      hg_stride, c, c_stride, bias, dgates, dc, dbias, workspace, B, H, clip, stream);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda

@@ -242,30 +242,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32:
-      return f(TypeTag<float>{});
-    case DType::F16:
-      return f(TypeTag<__half>{});
-    case DType::BF16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T, int VEC>
 cudaError_t fwd_launch(const T* hidden, int64_t batch_stride, int64_t token_stride, const uint8_t* mask,
                        const int32_t* cu_seqlens, float* workspace, int64_t splits, T* out, float* mean, int64_t B,
