@@ -53,11 +53,10 @@ __global__ void __launch_bounds__(32 * kWarps, (FwdTile<T, D, kWarps, kStrips, k
   T* sK = sQ + kRows * kLd;                 // [2][kCols][kLd]
   T* sV = sK + 2 * kCols * kLd;             // [2][kCols][kLd]
 
-  // Heaviest query blocks first (the last ones when causal), grouped by (b, h) for L2 reuse of K and V.
-  const int64_t bid = blockIdx.x;
-  const int m_block = m_blocks - 1 - static_cast<int>(bid % m_blocks);
-  const int h = static_cast<int>((bid / m_blocks) % p.heads);
-  const int b = static_cast<int>(bid / (static_cast<int64_t>(m_blocks) * p.heads));
+  const CtaIndex cta = cta_index(m_blocks, p.heads);
+  const int m_block = m_blocks - 1 - cta.block;  // heaviest query blocks first (the last ones when causal)
+  const int h = cta.h;
+  const int b = cta.b;
   const Sequence s = sequence_of(p, b);
   const int m0 = m_block * kRows;
   if (m0 >= s.len_q) return;

@@ -55,10 +55,10 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
   T* sK = sdO + kRows * kLd;                // [2][kCols][kLd]
   T* sV = sK + 2 * kCols * kLd;             // [2][kCols][kLd]
 
-  const int64_t bid = blockIdx.x;
-  const int m_block = m_blocks - 1 - static_cast<int>(bid % m_blocks);
-  const int h = static_cast<int>((bid / m_blocks) % p.heads);
-  const int b = static_cast<int>(bid / (static_cast<int64_t>(m_blocks) * p.heads));
+  const CtaIndex cta = cta_index(m_blocks, p.heads);
+  const int m_block = m_blocks - 1 - cta.block;  // heaviest query blocks first, as in the forward
+  const int h = cta.h;
+  const int b = cta.b;
   const Sequence s = sequence_of(p, b);
   const int m0 = m_block * kRows;
   if (m0 >= s.len_q) return;
@@ -178,12 +178,11 @@ __global__ void __launch_bounds__(32 * kWarps, 1)
   float* sLse = reinterpret_cast<float*>(smem_raw + Tile::kTileBytes);  // [2][kCols], log2 units
   float* sDelta = sLse + 2 * kCols;                                     // [2][kCols]
 
-  const int64_t bid = blockIdx.x;
-  const int n_block = static_cast<int>(bid % n_blocks);
-  const int h = static_cast<int>((bid / n_blocks) % p.heads);
-  const int b = static_cast<int>(bid / (static_cast<int64_t>(n_blocks) * p.heads));
+  const CtaIndex cta = cta_index(n_blocks, p.heads);
+  const int h = cta.h;
+  const int b = cta.b;
   const Sequence s = sequence_of(p, b);
-  const int n0 = n_block * kRows;
+  const int n0 = cta.block * kRows;
   if (n0 >= s.len_k) return;
 
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;

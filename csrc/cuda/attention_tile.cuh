@@ -353,6 +353,24 @@ __device__ __forceinline__ Sequence sequence_of(const AttentionProblem& p, int b
   return s;
 }
 
+// What a CTA of a 1-D attention grid owns: row block `block` (of `blocks`) of head h of sequence b. The
+// launchers' grid is blocks * heads * batch CTAs, the blocks of one (b, h) consecutive, so CTAs that run side
+// by side share b and h, and with them the operands they stream, in L2.
+struct CtaIndex {
+  int block;
+  int h;
+  int b;
+};
+
+__device__ __forceinline__ CtaIndex cta_index(int blocks, int heads) {
+  const int64_t bid = blockIdx.x;
+  CtaIndex c;
+  c.block = static_cast<int>(bid % blocks);
+  c.h = static_cast<int>((bid / blocks) % heads);
+  c.b = static_cast<int>(bid / (static_cast<int64_t>(blocks) * heads));
+  return c;
+}
+
 // First row of (b, h) of a token operand, at sequence token `first`.
 template <typename T>
 __device__ __forceinline__ T* token_row(const TokenTensor& x, int b, int h, int64_t tok) {
