@@ -326,9 +326,14 @@ void run_attention_fwd(const ctxkern::cuda::AttentionProblem& p, const at::Tenso
              "attention_fwd kernel launch");
 }
 
-void run_attention_bwd(const ctxkern::cuda::AttentionProblem& p, const at::Tensor& dout, const at::Tensor& q,
-                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+// Gradients of a complete problem with at least one (query, key) pair: dout, q, k, v, out, lse checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_attention_bwd(const ctxkern::cuda::AttentionProblem& p,
+                                                                 const at::Tensor& dout, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   const at::Tensor q_in = cp_async_ready(q);
   const at::Tensor k_in = cp_async_ready(k);
   const at::Tensor v_in = cp_async_ready(v);
@@ -339,6 +344,13 @@ void run_attention_bwd(const ctxkern::cuda::AttentionProblem& p, const at::Tenso
                  token_tensor(out), token_tensor(dout_in), row_stats(lse), row_stats(delta), token_tensor(dq),
                  token_tensor(dk), token_tensor(dv), c10::cuda::getCurrentCUDAStream()),
              "attention_bwd kernel launch");
+  return {dq, dk, dv};
+}
+
+// Gradients of a problem without a single (query, key) pair.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_attention_grads(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v) {
+  return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -371,14 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   auto p = attention_problem(q, B, Sq, Sk, causal, scale);
   const auto extent = attach_key_padding_mask(p, key_padding_mask, q, B);
-  if (B == 0 || H == 0 || Sq == 0 || Sk == 0) {  // no (query, key) pair: every gradient is zero
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
-  }
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  run_attention_bwd(p, dout, q, k, v, out, lse, dq, dk, dv);
-  return {dq, dk, dv};
+  if (B == 0 || H == 0 || Sq == 0 || Sk == 0) return zero_attention_grads(q, k, v);
+  return run_attention_bwd(p, dout, q, k, v, out, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -423,13 +429,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
                              max_seqlen_k, causal, scale);
   attach_cu_seqlens(p, cu_seqlens_q, cu_seqlens_k, q);
   if (p.batch == 0 || H == 0 || total_q == 0 || total_k == 0 || max_seqlen_q == 0 || max_seqlen_k == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+    return zero_attention_grads(q, k, v);
   }
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  run_attention_bwd(p, dout, q, k, v, out, lse, dq, dk, dv);
-  return {dq, dk, dv};
+  return run_attention_bwd(p, dout, q, k, v, out, lse);
 }
 
 // ---------------------------------------------------------------------------------------------------------
