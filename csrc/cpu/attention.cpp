@@ -27,8 +27,6 @@
 namespace ctxkern {
 namespace {
 
-using namespace attention_cpu;
-
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 constexpr float kInf = std::numeric_limits<float>::infinity();

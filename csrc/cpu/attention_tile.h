@@ -1,6 +1,7 @@
 // Tile helpers of the CPU attention kernels (csrc/cpu/attention.cpp): the tile matrix product, fp32 staging of
 // fp16/bf16 rows, and the vectorized row operations of the online softmax. Everything here works on one
-// thread's tiles; the parallel split lives in attention.cpp.
+// thread's tiles; the parallel split lives in attention.cpp. In an anonymous namespace for the reason
+// vec_helpers.h gives.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -10,17 +11,18 @@
 #include <limits>
 #include <type_traits>
 
-namespace ctxkern::attention_cpu {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#include "vec_helpers.h"
 
 // Fortran BLAS sgemm. torch's x86 wheels link MKL into libtorch_cpu and export it (ATen's own cpublas::gemm
 // wrapper is not exported). Weak, so that a torch without it still loads this library and uses the loop below.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace ctxkern {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // C (m, n) = alpha * op(A) op(B) + beta * C, all row-major with leading dims lda/ldb/ldc; op(A) is (m, k) and
 // op(B) (k, n), each stored transposed when its flag says so. beta = 0 ignores C's old contents (even NaN).
@@ -147,13 +149,5 @@ inline void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) 
   for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-}  // namespace ctxkern::attention_cpu
+}  // namespace
+}  // namespace ctxkern

@@ -17,26 +17,10 @@
 #include <vector>
 
 #include "../checks.h"
+#include "vec_helpers.h"
 
 namespace ctxkern {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kStep = 2 * kVec;
-// Outputs at least this large skip the caches (see store2).
-constexpr int64_t kStreamBytes = 8 << 20;
-
-// p[0, kStep) as two fp32 vectors.
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kVec);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
 
 // x[0, kStep) + r[0, kStep) (r may be null) as two fp32 vectors.
 template <typename T>
@@ -47,39 +31,6 @@ inline void load_sum2(const T* x, const T* r, Vec& a, Vec& b) {
     load2(r, ra, rb);
     a = a + ra;
     b = b + rb;
-  }
-}
-
-// p[0, kStep) = (a, b) rounded to T. With `stream`, non-temporal stores (p must be sizeof(Vec)-aligned): an
-// output larger than the caches is then written without first being read in, a third less memory traffic.
-template <typename T>
-inline void store2(T* p, const Vec& a, const Vec& b, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream) {
-    if constexpr (std::is_same_v<T, float>) {
-      _mm512_stream_ps(p, a);
-      _mm512_stream_ps(p + kVec, b);
-    } else {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
-    }
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream) {
-    if constexpr (std::is_same_v<T, float>) {
-      _mm256_stream_ps(p, a);
-      _mm256_stream_ps(p + kVec, b);
-    } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
-    }
-    return;
-  }
-#endif
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kVec);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
   }
 }
 
@@ -103,12 +54,6 @@ bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
          (N * static_cast<int64_t>(sizeof(T))) % align == 0;
 #else
   return false;
-#endif
-}
-
-inline void fence_streaming_stores(bool stream) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (stream) _mm_sfence();  // orders this thread's non-temporal stores before the parallel region ends
 #endif
 }
 

@@ -21,38 +21,13 @@
 #include <vector>
 
 #include "../lstm_cell_checks.h"
+#include "vec_helpers.h"
 
 namespace ctxkern {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kStep = 2 * kVec;  // one Vectorized<fp16/bf16> widens to two of fp32
 constexpr int64_t kColBlock = 4 * kStep;
 static_assert(kColBlock % kStep == 0, "a column block is whole vector steps");
-
-// p[0, kStep) as two fp32 vectors; a null p (an absent bias) reads as zeros.
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if (p == nullptr) {
-    a = b = Vec(0.f);
-  } else if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kVec);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kVec);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
 
 // The cell math on a Vec of units or on one float, same formulas for both. Five transcendentals per unit make
 // the cell compute-bound on a CPU, so all of them are one exp (Sleef's, 1 ulp), the cheapest of Sleef's
@@ -118,10 +93,10 @@ struct CellArgs {
   // Pre-activations of gates i, f, g, o for the kStep units from column j of row b.
   void load_pre(int64_t b, int64_t j, std::array<Vec, 4>& lo, std::array<Vec, 4>& hi) const {
     for (int k = 0; k < 4; ++k) {
-      Vec x0, x1, y0, y1, b0, b1;
+      Vec x0, x1, y0, y1, b0(0.f), b1(0.f);
       load2(input_gates + b * ig_stride + k * H + j, x0, x1);
       load2(hidden_gates + b * hg_stride + k * H + j, y0, y1);
-      load2(bias ? bias + k * H + j : nullptr, b0, b1);
+      if (bias) load2(bias + k * H + j, b0, b1);
       lo[k] = x0 + y0 + b0;
       hi[k] = x1 + y1 + b1;
     }

@@ -25,17 +25,13 @@
 #include <tuple>
 
 #include "../masked_mean_pool_checks.h"
+#include "vec_helpers.h"
 
 namespace ctxkern {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kStep = 2 * kVec;  // one Vectorized<T> of fp16/bf16 widens to two of fp32
 constexpr int64_t kMinChunkCols = 64;  // a narrower column chunk would read partial cache lines per token
 constexpr float kNormEps = 1e-12f;
-// A dhidden at least this large is written with non-temporal stores (see write_row).
-constexpr int64_t kStreamBytes = 8 << 20;
 
 #if defined(CPU_CAPABILITY_AVX512)
 using Bits = __m512i;
@@ -48,17 +44,6 @@ inline Bits load_bits(const char* p) { return _mm256_load_si256(reinterpret_cast
 inline void stream_bits(char* p, Bits v) { _mm256_stream_si256(reinterpret_cast<Bits*>(p), v); }
 inline Bits zero_bits() { return _mm256_setzero_si256(); }
 #endif
-
-// p[0, kStep) as two fp32 vectors.
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kVec);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
 
 // Where the tokens of sequence b are: dense rows with a mask, or packed rows delimited by cu_seqlens.
 struct Sequences {
@@ -91,15 +76,6 @@ inline void accumulate(const T* x, float* acc, int64_t n) {
     (Vec::loadu(acc + j + kVec) + c).store(acc + j + kVec);
   }
   for (; j < n; ++j) acc[j] += static_cast<float>(x[j]);
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc);
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
 }
 
 // mean[b] = sum[b] / count (0 for no token), in place; out[b] = mean[b], or mean[b] / max(||mean[b]||, 1e-12)
@@ -215,9 +191,7 @@ void broadcast_rows(const T* g, const Sequences& seq, int64_t tokens, int64_t B,
       }
       write_row(out_bytes + t * row_bytes, real ? g_bytes + b * row_bytes : nullptr, row_bytes, stream);
     }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (stream) _mm_sfence();  // orders this thread's non-temporal stores before the parallel region ends
-#endif
+    fence_streaming_stores(stream);
   });
 }
 
