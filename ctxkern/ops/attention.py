@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch
 from ctxkern.ops._checks import check_float_dtype, check_like, check_tensor
+from ctxkern.ops._register import register_op
 from ctxkern.reference import attention_ref, attention_varlen_ref
 
 # Head dims per backend: the CUDA kernels are instantiated for these; the others take any D up to 128.
@@ -81,42 +82,28 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _register(fwd_name: str, bwd_name: str, varlen: bool) -> None:
-    """Fake kernels for both operators, and the backward operator as the forward one's autograd. Every
-    input after q, k, v (mask or cu_seqlens, sizes, causal, scale) is passed through to the backward."""
-    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+def _setup_context(ctx, inputs, output):
+    """Every input after q, k, v (mask or cu_seqlens, sizes, causal, scale) is passed through to the backward."""
+    q, k, v, *rest = inputs
+    tensors = [t for t in rest if isinstance(t, Tensor)]
+    ctx.save_for_backward(q, k, v, *output, *tensors)
+    # The optional mask may be None: remember where the saved tensors go among the other inputs.
+    ctx.rest = [None if isinstance(t, Tensor) else t for t in rest]
+    ctx.tensor_slots = [i for i, t in enumerate(rest) if isinstance(t, Tensor)]
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, *rest = inputs
-        tensors = [t for t in rest if isinstance(t, Tensor)]
-        ctx.save_for_backward(q, k, v, *output, *tensors)
-        # The optional mask may be None: remember where the saved tensors go among the other inputs.
-        ctx.rest = [None if isinstance(t, Tensor) else t for t in rest]
-        ctx.tensor_slots = [i for i, t in enumerate(rest) if isinstance(t, Tensor)]
 
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, *tensors = ctx.saved_tensors
-        rest = list(ctx.rest)
-        for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
-            rest[slot] = t
-        dq, dk, dv = bwd_op(_last_dim_contiguous(dout), q, k, v, out, lse, *rest)
-        return (dq, dk, dv) + (None,) * len(rest)
-
-    torch.library.register_fake(fwd_name, _varlen_fwd_fake if varlen else _fwd_fake)
-    torch.library.register_fake(bwd_name, _bwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+def _backward(bwd_op, ctx, dout, _dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    rest = list(ctx.rest)
+    for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
+        rest[slot] = t
+    dq, dk, dv = bwd_op(_last_dim_contiguous(dout), q, k, v, out, lse, *rest)
+    return (dq, dk, dv) + (None,) * len(rest)
 
 
 # backend -> forward operator
-_FWD = {"triton": torch.ops.ctxkern.attention_fwd_triton}
-_VARLEN_FWD = {"triton": torch.ops.ctxkern.attention_varlen_fwd_triton}
-_register("ctxkern::attention_fwd_triton", "ctxkern::attention_bwd_triton", varlen=False)
-_register("ctxkern::attention_varlen_fwd_triton", "ctxkern::attention_varlen_bwd_triton", varlen=True)
-if _dispatch.HAS_EXTENSION:
-    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.attention_fwd
-    _VARLEN_FWD["cpu"] = _VARLEN_FWD["cuda"] = torch.ops.ctxkern.attention_varlen_fwd
-    _register("ctxkern::attention_fwd", "ctxkern::attention_bwd", varlen=False)
-    _register("ctxkern::attention_varlen_fwd", "ctxkern::attention_varlen_bwd", varlen=True)
+_FWD = register_op("attention", _fwd_fake, _bwd_fake, _setup_context, _backward)
+_VARLEN_FWD = register_op("attention_varlen", _varlen_fwd_fake, _bwd_fake, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch
 from ctxkern.ops._checks import as_rows, check_float_dtype, check_like, check_shape, check_tensor
+from ctxkern.ops._register import register_op
 from ctxkern.reference import layer_norm_ref
 
 
@@ -45,34 +46,23 @@ def _layer_norm_bwd_triton(dy: Tensor, x: Tensor, residual: Optional[Tensor], we
     return layer_norm_bwd_triton(dy, x, residual, weight, mean, rstd, has_bias)
 
 
-def _register(fwd_name: str, bwd_name: str) -> None:
-    """Fake kernels for both operators, and the backward operator as the forward one's autograd."""
-    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.has_bias = bias is not None
 
-    def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, _eps = inputs
-        _y, mean, rstd = output
-        ctx.save_for_backward(x, residual, weight, mean, rstd)
-        ctx.has_bias = bias is not None
 
-    def backward(ctx, dy, _dmean, _drstd):
-        x, residual, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = bwd_op(as_rows(dy, dy.shape[-1]), x, residual, weight, mean, rstd, ctx.has_bias)
-        # y depends on x and residual only through their sum, so both get the same gradient.
-        return (dx, dx if residual is not None else None, dweight if weight is not None else None,
-                dbias if ctx.has_bias else None, None)
-
-    torch.library.register_fake(fwd_name, _fwd_fake)
-    torch.library.register_fake(bwd_name, _bwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+def _backward(bwd_op, ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = bwd_op(as_rows(dy, dy.shape[-1]), x, residual, weight, mean, rstd, ctx.has_bias)
+    # y depends on x and residual only through their sum, so both get the same gradient.
+    return (dx, dx if residual is not None else None, dweight if weight is not None else None,
+            dbias if ctx.has_bias else None, None)
 
 
 # backend -> forward operator
-_FWD = {"triton": torch.ops.ctxkern.layer_norm_fwd_triton}
-_register("ctxkern::layer_norm_fwd_triton", "ctxkern::layer_norm_bwd_triton")
-if _dispatch.HAS_EXTENSION:
-    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.layer_norm_fwd
-    _register("ctxkern::layer_norm_fwd", "ctxkern::layer_norm_bwd")
+_FWD = register_op("layer_norm", _fwd_fake, _bwd_fake, _setup_context, _backward)
 
 
 def _check(x, weight, bias, residual) -> None:

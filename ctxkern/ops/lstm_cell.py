@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch
 from ctxkern.ops._checks import check_float_dtype, check_like, check_shape, check_tensor
+from ctxkern.ops._register import register_op
 from ctxkern.reference import lstm_cell_ref
 
 
@@ -51,36 +52,25 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _register(fwd_name: str, bwd_name: str) -> None:
-    """Fake kernels for both operators, and the backward operator as the forward one's autograd."""
-    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+def _setup_context(ctx, inputs, output):
+    input_gates, hidden_gates, c, bias, cell_clip = inputs
+    ctx.save_for_backward(input_gates, hidden_gates, c, bias)
+    ctx.cell_clip = cell_clip
 
-    def setup_context(ctx, inputs, output):
-        input_gates, hidden_gates, c, bias, cell_clip = inputs
-        ctx.save_for_backward(input_gates, hidden_gates, c, bias)
-        ctx.cell_clip = cell_clip
 
-    def backward(ctx, dh, dc_new):
-        input_gates, hidden_gates, c, bias = ctx.saved_tensors
-        # An output that took no part in the loss may come back as None.
-        dh = torch.zeros_like(c) if dh is None else dh
-        dc_new = torch.zeros_like(c) if dc_new is None else dc_new
-        dgates, dc, dbias = bwd_op(_rows(dh), _rows(dc_new), input_gates, hidden_gates, c, bias, ctx.cell_clip)
-        # The gates are input_gates + hidden_gates + bias: both gate inputs get the same gradient.
-        return dgates, dgates, dc, dbias if bias is not None else None, None
-
-    torch.library.register_fake(fwd_name, _fwd_fake)
-    torch.library.register_fake(bwd_name, _bwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+def _backward(bwd_op, ctx, dh, dc_new):
+    input_gates, hidden_gates, c, bias = ctx.saved_tensors
+    # An output that took no part in the loss may come back as None.
+    dh = torch.zeros_like(c) if dh is None else dh
+    dc_new = torch.zeros_like(c) if dc_new is None else dc_new
+    dgates, dc, dbias = bwd_op(_rows(dh), _rows(dc_new), input_gates, hidden_gates, c, bias, ctx.cell_clip)
+    # The gates are input_gates + hidden_gates + bias: both gate inputs get the same gradient.
+    return dgates, dgates, dc, dbias if bias is not None else None, None
 
 
 # backend -> forward operator
-_FWD = {"triton": torch.ops.ctxkern.lstm_cell_fwd_triton}
-_register("ctxkern::lstm_cell_fwd_triton", "ctxkern::lstm_cell_bwd_triton")
+_FWD = register_op("lstm_cell", _fwd_fake, _bwd_fake, _setup_context, _backward)
 if _dispatch.HAS_EXTENSION:
-    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.lstm_cell_fwd
-    _register("ctxkern::lstm_cell_fwd", "ctxkern::lstm_cell_bwd")
-
     @torch.library.register_fake("ctxkern::lstm_layer_fwd")
     def _lstm_layer_fwd_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse):
         return gates_in.new_empty((gates_in.shape[0], h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)

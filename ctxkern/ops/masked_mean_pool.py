@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch
 from ctxkern.ops._checks import check_float_dtype, check_tensor
+from ctxkern.ops._register import register_op
 from ctxkern.reference import masked_mean_pool_ref, masked_mean_pool_varlen_ref
 
 _INT32_MAX = 2**31 - 1
@@ -63,37 +64,26 @@ def _varlen_bwd_triton(dout: Tensor, cu_seqlens: Tensor, mean: Optional[Tensor],
     return masked_mean_pool_varlen_bwd_triton(dout, cu_seqlens, mean, total)
 
 
-def _register(fwd_name: str, bwd_name: str, packed: bool) -> None:
-    """Fake kernels for both operators, and the backward operator as the forward one's autograd."""
-    bwd_op = getattr(torch.ops.ctxkern, bwd_name.split("::")[1])
+def _setup_context(ctx, inputs, output):
+    hidden, index, normalize = inputs
+    _out, mean = output
+    ctx.save_for_backward(index, mean if normalize else None)
+    ctx.total = hidden.shape[0]
 
-    def setup_context(ctx, inputs, output):
-        hidden, index, normalize = inputs
-        _out, mean = output
-        ctx.save_for_backward(index, mean if normalize else None)
-        ctx.total = hidden.shape[0]
 
-    def backward(ctx, dout, _dmean):
-        index, mean = ctx.saved_tensors
-        dout = dout.contiguous()
-        dhidden = bwd_op(dout, index, mean, ctx.total) if packed else bwd_op(dout, index, mean)
-        return dhidden, None, None
+def _backward(bwd_op, ctx, dout, _dmean):
+    mask, mean = ctx.saved_tensors
+    return bwd_op(dout.contiguous(), mask, mean), None, None
 
-    torch.library.register_fake(fwd_name, _fwd_fake)
-    torch.library.register_fake(bwd_name, _varlen_bwd_fake if packed else _bwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+def _varlen_backward(bwd_op, ctx, dout, _dmean):
+    cu_seqlens, mean = ctx.saved_tensors
+    return bwd_op(dout.contiguous(), cu_seqlens, mean, ctx.total), None, None
 
 
 # backend -> forward operator, dense and packed
-_FWD = {"triton": torch.ops.ctxkern.masked_mean_pool_fwd_triton}
-_VARLEN_FWD = {"triton": torch.ops.ctxkern.masked_mean_pool_varlen_fwd_triton}
-_register("ctxkern::masked_mean_pool_fwd_triton", "ctxkern::masked_mean_pool_bwd_triton", packed=False)
-_register("ctxkern::masked_mean_pool_varlen_fwd_triton", "ctxkern::masked_mean_pool_varlen_bwd_triton", packed=True)
-if _dispatch.HAS_EXTENSION:
-    _FWD["cpu"] = _FWD["cuda"] = torch.ops.ctxkern.masked_mean_pool_fwd
-    _VARLEN_FWD["cpu"] = _VARLEN_FWD["cuda"] = torch.ops.ctxkern.masked_mean_pool_varlen_fwd
-    _register("ctxkern::masked_mean_pool_fwd", "ctxkern::masked_mean_pool_bwd", packed=False)
-    _register("ctxkern::masked_mean_pool_varlen_fwd", "ctxkern::masked_mean_pool_varlen_bwd", packed=True)
+_FWD = register_op("masked_mean_pool", _fwd_fake, _bwd_fake, _setup_context, _backward)
+_VARLEN_FWD = register_op("masked_mean_pool_varlen", _fwd_fake, _varlen_bwd_fake, _setup_context, _varlen_backward)
 
 
 def _rows(hidden: Tensor) -> Tensor:
