@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxkern import ops
-from ctxkern.bench.case import Candidate, Case
+from ctxkern.bench.case import Candidate, Case, backward_only
 from ctxkern.bench.peers import compiled, ctxkern_backends
 from ctxkern.reference import attention_ref, attention_varlen_ref
 
@@ -162,15 +162,7 @@ def _backward_case(label, q, k, v, mask, lengths, causal, with_compile) -> Case:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def grads_of(forward):
-        """Times the backward alone: the forward runs once, on the first call (inside the harness's check)."""
-        graph = {}
-
-        def backward():
-            if "out" not in graph:
-                graph["out"] = forward(*leaves)
-            return torch.autograd.grad(graph["out"], leaves, dout, retain_graph=True)
-
-        return backward
+        return backward_only(forward, leaves, dout)
 
     def reference():
         qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))

@@ -36,6 +36,20 @@ class Case:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+def backward_only(forward: Callable, leaves: Sequence[Tensor], grad_outputs, *rest) -> Callable[[], tuple]:
+    """A candidate's fn that times the backward alone: forward(*leaves, *rest) runs once, on the first call
+    (inside the harness's check, which reports a candidate that fails to compile or run); every call returns
+    the gradients of its output with respect to leaves."""
+    graph = {}
+
+    def backward():
+        if "out" not in graph:
+            graph["out"] = forward(*leaves, *rest)
+        return torch.autograd.grad(graph["out"], leaves, grad_outputs, retain_graph=True)
+
+    return backward
+
+
 def _as_tuple(out) -> tuple[Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

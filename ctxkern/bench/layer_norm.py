@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxkern import ops
-from ctxkern.bench.case import Candidate, Case
+from ctxkern.bench.case import Candidate, Case, backward_only
 from ctxkern.bench.peers import compiled, ctxkern_backends, liger_layer_norm
 from ctxkern.reference import layer_norm_ref
 
@@ -48,16 +48,7 @@ def _backward_case(x, w, b, with_compile: bool) -> Case:
     leaves = [t.detach().requires_grad_() for t in (x, w, b)]
 
     def grads_of(forward):
-        """Times the backward alone: the forward runs once, on the first call (inside the harness's check,
-        which reports a candidate that fails to compile or run)."""
-        graph = {}
-
-        def backward():
-            if "y" not in graph:
-                graph["y"] = forward(*leaves)
-            return torch.autograd.grad(graph["y"], leaves, dy, retain_graph=True)
-
-        return backward
+        return backward_only(forward, leaves, dy)
 
     def reference():
         xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))

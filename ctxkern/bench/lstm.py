@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ctxkern import nn, ops
-from ctxkern.bench.case import Candidate, Case
+from ctxkern.bench.case import Candidate, Case, backward_only
 from ctxkern.bench.peers import compiled, ctxkern_backends
 from ctxkern.reference import lstm_cell_ref
 
@@ -52,15 +52,7 @@ def _cell_backward_case(ig, hg, c, bias, with_compile: bool) -> Case:
     leaves = [t.detach().requires_grad_() for t in (ig, hg, c, bias)]
 
     def grads_of(forward):
-        """Times the backward alone: the forward runs once, on the first call."""
-        graph = {}
-
-        def backward():
-            if "out" not in graph:
-                graph["out"] = forward(*leaves)
-            return torch.autograd.grad(graph["out"], leaves, (dh, dc), retain_graph=True)
-
-        return backward
+        return backward_only(forward, leaves, (dh, dc))
 
     def reference():
         refs = [t.detach().double().requires_grad_() for t in (ig, hg, c, bias)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxkern import ops
-from ctxkern.bench.case import Candidate, Case
+from ctxkern.bench.case import Candidate, Case, backward_only
 from ctxkern.bench.peers import compiled, ctxkern_backends
 from ctxkern.reference import masked_mean_pool_ref
 
@@ -107,15 +107,7 @@ def _backward_case(hidden, mask, with_compile: bool) -> Case:
     leaf = hidden.detach().requires_grad_()
 
     def grads_of(forward):
-        """Times the backward alone: the forward runs once, on the first call (inside the harness's check)."""
-        graph = {}
-
-        def backward():
-            if "y" not in graph:
-                graph["y"] = forward(leaf, mask)
-            return torch.autograd.grad(graph["y"], leaf, dout, retain_graph=True)
-
-        return backward
+        return backward_only(forward, [leaf], dout, mask)
 
     def reference():
         h64 = hidden.detach().double().requires_grad_()
