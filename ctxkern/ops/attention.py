@@ -156,29 +156,30 @@ def _mask_as_bool(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
 
 
-def _check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> Tensor:
-    """cu_seqlens as contiguous int32, after checking it describes sequences tiling `total` rows."""
+def _check_cu_seqlens(cu: Tensor, name: str, q: Tensor, max_seqlen: int, max_name: str) -> None:
+    """cu_seqlens' form (its values are checked by _check_offsets)."""
     check_tensor(cu, name)
     if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of length B + 1 >= 1, got shape {tuple(cu.shape)}")
     if cu.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 (or int64), got {cu.dtype}")
+    if cu.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    # Reading the offsets back costs a device sync; it is skipped while torch.compile traces, where the
-    # values are not known yet.
-    if not torch.compiler.is_compiling():
-        offsets = cu.tolist()
-        if offsets[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-        if any(n < 0 for n in lengths):
-            raise ValueError(f"{name} must be non-decreasing, got {offsets}")
-        if offsets[-1] != total:
-            raise ValueError(f"{name} must end at the total row count {total}, got {offsets[-1]}")
-        if lengths and max(lengths) > max_seqlen:
-            raise ValueError(f"{max_name} = {max_seqlen} is smaller than a sequence of {max(lengths)} in {name}")
-    return cu.to(torch.int32).contiguous()
+
+
+def _check_offsets(offsets: list[int], name: str, total: int, max_seqlen: int, max_name: str) -> None:
+    """cu_seqlens' values describe sequences that tile `total` rows, none longer than max_seqlen."""
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at the total row count {total}, got {offsets[-1]}")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than a sequence of {max(lengths)} in {name}")
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -220,14 +221,18 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     _check_qkv(q, k, v, 3, "(total, H, D)")
     scale = _check_common(causal, scale, dropout_p, q.shape[-1])
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
-    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
-    if cu_q.shape != cu_k.shape:
-        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {cu_q.shape[0]} (B + 1), "
-                         f"got {cu_k.shape[0]}")
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, max_seqlen_k, "max_seqlen_k")
+    n = cu_seqlens_q.shape[0]
+    if cu_seqlens_k.shape[0] != n:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {n} (B + 1), got {cu_seqlens_k.shape[0]}")
+    # One read of both offset tensors (one device sync on a GPU); skipped while torch.compile traces, where
+    # the values are not known yet.
+    if not torch.compiler.is_compiling():
+        offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
+        _check_offsets(offsets[:n], "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _check_offsets(offsets[n:], "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
+    cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
     backend_name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], backend_name)
     if backend_name == "torch" or q.numel() == 0 or k.numel() == 0:
