@@ -1,6 +1,6 @@
 """Shared test set-up: Triton's interpreter on CPU-only machines, backend parameters, tolerances, poisoning."""
-import math
 import os
+import zlib
 
 import torch
 
@@ -8,12 +8,42 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _round_bf16_to_nearest_in_triton_interpreter() -> None:
+    """Triton's CPU interpreter (3.x) converts fp32 to bf16 by truncating the mantissa, where compiled Triton
+    (cvt.rn.bf16.f32) and PyTorch round to nearest even. Truncation always rounds toward zero, so its error adds
+    up along every sum of bf16 products instead of cancelling, and interpreted bf16 results drift further from the
+    reference than any GPU run would. The interpreter is patched, for the tests only, to round as the GPU does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return truncating_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _round_bf16_to_nearest_in_triton_interpreter()
+
 import pytest  # noqa: E402
 
 import ctxkern  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (torch sees no CUDA device)")
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_test_id(request):
+    """Each test draws the same random numbers whatever ran before it, so a failure in CI reproduces alone."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 # (backend, device) pairs every op is tested on. CUDA ones are skipped without a GPU; the others must run:
 # a backend that should be available here and is not fails the test rather than skipping it.
@@ -61,18 +91,8 @@ def assert_low_precision_close(out: torch.Tensor, ref: torch.Tensor, torch_out: 
     assert err <= 2 * torch_err + atol, f"max error {err:.3g} > 2 * torch's {torch_err:.3g} + {atol:g}"
 
 
-def interpreter_rounding_slack(backend: str, device: str, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Triton's CPU interpreter converts fp32 to bf16 by truncation, not round-to-nearest as compiled Triton
-    and PyTorch do (checked: 1.0041 becomes 1.0, not 1.0078125), so an interpreted bf16 result may sit one
-    bf16 step further from the reference. That step at the output's magnitude is allowed there, and only there."""
-    if backend != "triton" or device != "cpu" or dtype != torch.bfloat16 or ref.numel() == 0:
-        return 0.0
-    top = ref.abs().max().item()
-    return 2.0 ** (math.floor(math.log2(top)) - 7) if top > 0 else 0.0
-
-
-def assert_close_for_dtype(out, ref, torch_out, slack: float = 0.0) -> None:
+def assert_close_for_dtype(out, ref, torch_out) -> None:
     if out.dtype == torch.float32:
         assert_fp32_close(out, ref)
     else:
-        assert_low_precision_close(out, ref, torch_out, atol=1e-5 + slack)
+        assert_low_precision_close(out, ref, torch_out)

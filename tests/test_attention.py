@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ctxkern
-from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, interpreter_rounding_slack, poison,
+from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, poison,
                       require_backend)
 from ctxkern import ops
 from ctxkern.ops.attention import CUDA_HEAD_DIMS
@@ -68,7 +68,7 @@ def reference_and_torch(q, k, v, mask, causal, dout=None):
 
 
 def assert_matches(out, ref, theirs, backend, device):
-    assert_close_for_dtype(out, ref, theirs, interpreter_rounding_slack(backend, device, ref, out.dtype))
+    assert_close_for_dtype(out, ref, theirs)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import ctxkern
-from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, interpreter_rounding_slack, poison,
+from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, poison,
                       require_backend)
 from ctxkern import ops
 from ctxkern.reference import layer_norm_ref
@@ -50,8 +50,7 @@ def test_forward_matches_float64_reference(backend, device, dtype, n, variant):
     y = ops.layer_norm(x, w, b, 1e-5, residual=r, backend=backend)
     assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
     ref = layer_norm_ref(f64(x), f64(w), f64(b), 1e-5, f64(r))
-    slack = interpreter_rounding_slack(backend, device, ref, dtype)
-    assert_close_for_dtype(y, ref, torch_low_precision(x, r, w, b), slack)
+    assert_close_for_dtype(y, ref, torch_low_precision(x, r, w, b))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -77,7 +76,7 @@ def test_gradients_match_float64_reference(backend, device, dtype, n, variant):
     torch_grads = torch.autograd.grad(torch_low_precision(xl, rl, wl, bl), [t for t in lp_inputs if t is not None], dy)
     for got, ref, theirs in zip(grads, ref_grads, torch_grads, strict=True):
         assert got.dtype == dtype
-        assert_close_for_dtype(got, ref, theirs, interpreter_rounding_slack(backend, device, ref, dtype))
+        assert_close_for_dtype(got, ref, theirs)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -104,8 +103,7 @@ def test_unaligned_view_of_a_vector_width(backend, device, dtype):
     x, r = big[:, 1:769], torch.randn(9, 768, device=device).to(dtype)
     ref = layer_norm_ref(x.double(), None, None, 1e-5, r.double())
     y = ops.layer_norm(x, residual=r, backend=backend)
-    assert_close_for_dtype(y, ref, torch_low_precision(x, r, None, None),
-                           interpreter_rounding_slack(backend, device, ref, dtype))
+    assert_close_for_dtype(y, ref, torch_low_precision(x, r, None, None))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

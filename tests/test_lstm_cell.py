@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ctxkern
-from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, interpreter_rounding_slack, poison,
+from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, poison,
                       require_backend)
 from ctxkern import ops
 from ctxkern.reference import lstm_cell_ref
@@ -51,7 +51,7 @@ def test_forward_matches_float64_reference(backend, device, dtype, h, cell_clip)
     theirs = torch_low_precision(ig, hg, c, bias, cell_clip)
     for got, ref, their in zip((out_h, out_c), (ref_h, ref_c), theirs, strict=True):
         assert got.dtype == dtype and got.device == c.device
-        assert_close_for_dtype(got, ref, their, interpreter_rounding_slack(backend, device, ref, dtype))
+        assert_close_for_dtype(got, ref, their)
     if cell_clip is not None:
         # The bound as the storage dtype rounds it (0.7 in fp16 is 0.7002).
         assert out_c.abs().max().item() <= torch.tensor(cell_clip, dtype=dtype).item()
@@ -79,7 +79,7 @@ def test_gradients_match_float64_reference(backend, device, dtype, h, cell_clip,
                                  (dh, dc))
     for got, ref, their in zip(grads, ref_grads, theirs, strict=True):
         assert got.dtype == dtype
-        assert_close_for_dtype(got, ref, their, interpreter_rounding_slack(backend, device, ref, dtype))
+        assert_close_for_dtype(got, ref, their)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
