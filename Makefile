@@ -9,8 +9,14 @@ CSRC := $(shell find csrc -type f)
 
 .PHONY: demo test bench build deps clean
 
+# The main job: sentence embeddings on the bundled all-MiniLM-L6-v2 (polysemy, search), then a quick benchmark.
+POLYSEMY := "The bank approved my loan application." "I sat on the bank of the river." "Please bank the fire before leaving."
+
 demo: build
 	$(PY) -m ctxkern info
+	$(PY) -m ctxkern embed $(POLYSEMY)
+	$(PY) -m ctxkern embed --word bank $(POLYSEMY) "Interest rates at the central bank rose again this year."
+	$(PY) -m ctxkern search --query "How do neural networks learn?" --top 3
 	$(PY) -m ctxkern bench --device cpu --quick --out bench-out
 
 # pytest exits 5 when it collected no test: a run that tests nothing is a failure.

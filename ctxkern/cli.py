@@ -1,4 +1,4 @@
-"""The `ctxkern` command: `ctxkern info` and `ctxkern bench`."""
+"""The `ctxkern` command: `embed` and `search` (sentence embeddings on the bundled model), `info` and `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -39,9 +39,66 @@ def _bench(args) -> int:
     return 1 if any("error" in row for row in result["rows"]) else 0
 
 
+def _load_encoder(args):
+    from ctxkern.models import SentenceEncoder, bundled_model_path
+
+    encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, backend=args.backend)
+    name = "all-MiniLM-L6-v2 (bundled)" if args.model is None else str(args.model)
+    print(f"model {name}, {encoder.dim}-dim, on {args.device}, backend {args.backend}")
+    return encoder
+
+
+def _embed(args) -> int:
+    from ctxkern.search import cosine_similarity_matrix
+
+    encoder = _load_encoder(args)
+    if args.word:
+        vectors, what = encoder.word_vectors(args.sentences, args.word), f"contextual embeddings of {args.word!r}"
+    else:
+        vectors, what = encoder.encode(args.sentences), "sentence embeddings"
+    similarity = cosine_similarity_matrix(vectors, vectors).cpu()
+    print(f"cosine similarity of the {what}:")
+    print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(args.sentences))))
+    for i, row in enumerate(similarity.tolist()):
+        print(f"{f'[{i}]':<5}" + "".join(f"{x:8.3f}" for x in row) + f"   {args.sentences[i]}")
+    return 0
+
+
+def _search(args) -> int:
+    from ctxkern.search import DEFAULT_CORPUS, read_corpus, top_k
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    corpus = read_corpus(args.corpus) if args.corpus else list(DEFAULT_CORPUS)
+    encoder = _load_encoder(args)
+    query, documents = encoder.encode([args.query]), encoder.encode(corpus)
+    print(f"query: {args.query}")
+    for index, score in top_k(query[0], documents, args.top):
+        print(f"{score:7.4f}  {corpus[index]}")
+    return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a sentence-transformers or BERT folder (default: the bundled "
+                                        "all-MiniLM-L6-v2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    embed = sub.add_parser("embed", help="the cosine-similarity matrix of sentences' embeddings")
+    embed.add_argument("sentences", nargs="+", help="the sentences")
+    embed.add_argument("--word", help="compare this word's contextual embedding in each sentence instead")
+    _model_arguments(embed)
+    embed.set_defaults(run=_embed)
+    search = sub.add_parser("search", help="rank a corpus by similarity to a query")
+    search.add_argument("--query", required=True)
+    search.add_argument("--corpus", help="a text file, one sentence per line (default: a small built-in corpus)")
+    search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
+    _model_arguments(search)
+    search.set_defaults(run=_search)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers")
     bench.add_argument("--op", help="one op (default: all)")
@@ -58,6 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, TypeError) as err:
         print(f"ctxkern: error: {err}", file=sys.stderr)
         return 2

@@ -126,6 +126,22 @@ class SentenceEncoder(torch.nn.Module):
             out[batch] = self._encode_batch([ids[i] for i in batch]).float()
         return out
 
+    @torch.inference_mode()
+    def word_vectors(self, sentences: Sequence[str], word: str) -> Tensor:
+        """The contextual embedding of `word` in each sentence (N, D) float32: the encoder's last states of the
+        word's pieces (its first occurrence), averaged. Polysemy shows here: "bank" by a river and "bank" with a
+        loan get different vectors."""
+        rows = []
+        for i, (sentence, encoding) in enumerate(zip(sentences, self.tokenizer.encode_batch(list(sentences)))):
+            pieces = _pieces_of_word(sentence, encoding, word)
+            if not pieces:
+                raise ValueError(f"word {word!r} is not in sentence {i} ({sentence!r}) within its first "
+                                 f"{self.max_seq_length} tokens")
+            ids = torch.tensor([encoding.ids], device=self.device)
+            hidden = self.bert(ids).last_hidden_state[0]                                  # (S, H)
+            rows.append(hidden[pieces].float().mean(0))
+        return torch.stack(rows) if rows else torch.empty(0, self.dim, device=self.device)
+
     def _encode_batch(self, ids: list[list[int]]) -> Tensor:
         device = self.device
         lengths = torch.tensor([len(t) for t in ids], dtype=torch.int32)
@@ -151,6 +167,19 @@ class SentenceEncoder(torch.nn.Module):
 
     def _finish(self, pooled: Tensor) -> Tensor:
         return torch.nn.functional.normalize(pooled.float(), dim=-1) if self.normalize else pooled
+
+
+def _pieces_of_word(sentence: str, encoding, word: str) -> list[int]:
+    """Token positions of the first whole word of the sentence equal to `word` (case-insensitive)."""
+    spans: dict[int, list[int]] = {}
+    for position, word_id in enumerate(encoding.word_ids):
+        if word_id is not None:
+            spans.setdefault(word_id, []).append(position)
+    for positions in spans.values():
+        start, end = encoding.offsets[positions[0]][0], encoding.offsets[positions[-1]][1]
+        if sentence[start:end].lower() == word.lower():
+            return positions
+    return []
 
 
 def _progress(batches: list, show: bool):
