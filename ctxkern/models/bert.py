@@ -204,6 +204,9 @@ class Bert(torch.nn.Module):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+        _check_ids(input_ids, "input_ids", self.config.vocab_size)
+        if token_type_ids is not None:
+            _check_ids(token_type_ids, "token_type_ids", self.config.type_vocab_size)
         mask = None if attention_mask is None else attention_mask != 0
         return input_ids, mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
 
@@ -251,6 +254,14 @@ class Bert(torch.nn.Module):
         model.load_state_dict(state, assign=True)
         dtype = dtype if dtype is not None else torch.float32
         return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_ids(ids: Tensor, name: str, size: int) -> None:
+    """Integer ids within the embedding table (an index out of range would fail deep inside torch.embedding)."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < size):
+        raise ValueError(f"{name} must lie in [0, {size}), got values from {int(ids.min())} to {int(ids.max())}")
 
 
 # ----------------------------------------------------------------------------- checkpoint names
