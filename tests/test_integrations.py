@@ -182,6 +182,22 @@ def test_small_bert_outputs_and_gradients_match(backend, device):
         assert err <= 1e-5 * scale, f"grad of {name}: max error {err:.3g} > {1e-5 * scale:.3g}"
 
 
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_small_bert_low_precision_error_within_twice_transformers(backend, device, dtype):
+    """Against the unpatched model in float64: at most twice the error of the unpatched model in dtype."""
+    require_backend(backend)
+    ref, patched = small_pair(backend=backend)
+    ids, mask = random_batch([9, 3, 6, 1])
+    real = mask.bool()
+    with torch.no_grad():
+        exact = ref.double()(ids, attention_mask=mask).last_hidden_state[real]
+        theirs = ref.to(dtype)(ids, attention_mask=mask).last_hidden_state[real]
+        ours = patched.to(dtype)(ids, attention_mask=mask).last_hidden_state[real]
+    err, their_err = ((t.double() - exact).abs().max().item() for t in (ours, theirs))
+    assert ours.dtype == dtype and err <= 2 * their_err + 1e-5, f"max error {err:.3g}, transformers' {their_err:.3g}"
+
+
 def test_parameters_are_shared_not_copied():
     model = BertModel(small_config())
     before = {name: p for name, p in model.named_parameters()}
@@ -270,6 +286,18 @@ def test_decoder_bert_stays_causal(counter, lengths):
     assert "attention" not in counter.calls
 
 
+def test_cross_attention_runs_the_kernel_with_the_encoder_padding(counter):
+    ref, patched = small_pair(is_decoder=True, add_cross_attention=True)
+    ids, mask = random_batch([5, 3])
+    encoder_states = torch.randn(2, 8, 64)
+    encoder_mask = random_batch([8, 6])[1]
+    with torch.no_grad():
+        expected, out = (m(ids, attention_mask=mask, encoder_hidden_states=encoder_states,
+                           encoder_attention_mask=encoder_mask, use_cache=False) for m in (ref, patched))
+    assert_real_tokens_close(out, expected, mask, 1e-5)
+    assert counter.calls["attention"] == 2  # the cross-attention of both layers; self-attention is causal
+
+
 def _pooling_features(lengths, dim=16, **extra):
     tokens, mask = torch.randn(len(lengths), max(lengths), dim), random_batch(lengths)[1]
     return {"token_embeddings": tokens, "attention_mask": mask, **extra}
@@ -311,6 +339,20 @@ def test_other_pooling_modes_are_left_alone(model_path):
 def test_unsupported_model_raises_type_error(model):
     with pytest.raises(TypeError, match="model must be"):
         integrations.patch(model)
+
+
+def test_float64_model_raises_value_error_naming_the_dtype():
+    # ctxkern's LayerNorm takes float32, float16 and bfloat16 only.
+    model = integrations.patch(BertModel(small_config()).double())
+    ids, mask = random_batch([3, 2])
+    with pytest.raises(ValueError, match="float64"):
+        model(ids, attention_mask=mask)
+
+
+def test_sentence_transformer_without_bert_raises_type_error():
+    st = SentenceTransformer(modules=[Pooling(8)], device="cpu")
+    with pytest.raises(TypeError, match="model must be a SentenceTransformer whose first module wraps"):
+        integrations.patch(st)
 
 
 def test_unknown_backend_names_it():

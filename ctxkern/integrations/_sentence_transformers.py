@@ -54,7 +54,7 @@ def _patch_mean_pooling(model: torch.nn.Module, backend: str) -> None:
 def patch_sentence_transformer(model, backend: str) -> None:
     first = model[0] if len(model) else None
     if first is None or not has_bert_layers(first):
-        raise TypeError("model: a SentenceTransformer is supported when its first module wraps a transformers "
-                        f"BERT model; its first module is {type(first).__name__}")
+        raise TypeError("model must be a SentenceTransformer whose first module wraps a transformers BERT model; "
+                        f"its first module is {type(first).__name__}")
     patch_bert(first, backend)
     _patch_mean_pooling(model, backend)
