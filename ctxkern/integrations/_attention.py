@@ -1,0 +1,105 @@
+"""The "ctxkern" attention implementation for transformers' attention registry.
+
+transformers builds each model's attention mask through the mask function registered under the model's
+`config._attn_implementation`, then calls the attention function registered under the same name. Both are
+registered here: the mask function hands the attention function HF's (B, Sk) padding mask as it is, which is
+exactly ops.attention's key_padding_mask, instead of expanding it to (B, 1, Sq, Sk). Anything ops.attention
+cannot compute exactly (a causal or otherwise structured mask, attention dropout while training, grouped
+key/value heads, an unsupported dtype or head dim) goes to transformers' SDPA function with an SDPA mask, so
+the patched model never gives a different result, only sometimes not a faster one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ctxkern import _dispatch, ops
+from ctxkern.ops._checks import FLOAT_DTYPES
+from ctxkern.ops.attention import CUDA_HEAD_DIMS, MAX_HEAD_DIM
+
+ATTN_IMPLEMENTATION = "ctxkern"
+
+
+def ctxkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+    """Plain bidirectional attention (BERT's encoder): the (B, Sk) bool padding mask, or None for no padding.
+    Any other pattern: SDPA's 4-D bool mask, which ctxkern_attention passes on to SDPA."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if mask_function is bidirectional_mask_function and (attention_mask is None
+                                                          or attention_mask.shape[-1] == kv_length):
+        return attention_mask
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def _padding_rows(mask: Tensor) -> Optional[Tensor]:
+    """A 4-D mask (B or 1, H or 1, Sq or 1, Sk), bool (True = attend) or additive float (0 = attend, the
+    dtype's most negative value = masked), as the (B, Sk) bool key-padding mask it amounts to; None when it is
+    more than key padding (rows that differ, or additive biases other than 0 and -inf)."""
+    if mask.dtype == torch.bool:
+        attend = mask
+    else:
+        attend = mask == 0
+        masked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((attend | masked).all()):
+            return None
+    first_row = attend[:, :1, :1, :]
+    if not bool((attend == first_row).all()):
+        return None
+    return first_row[:, 0, 0, :]
+
+
+def _kernel_takes(query: Tensor, key: Tensor, value: Tensor, backend: str) -> bool:
+    """Whether ops.attention computes these heads exactly as given (same head count for q and k/v, etc.)."""
+    if query.dtype not in FLOAT_DTYPES or key.shape != value.shape or key.shape[1] != query.shape[1]:
+        return False
+    d = query.shape[-1]
+    if d != key.shape[-1]:
+        return False
+    name = _dispatch.resolve(backend, query.device)
+    if name == "cuda":
+        return d in CUDA_HEAD_DIMS
+    return name == "torch" or 1 <= d <= MAX_HEAD_DIM
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, None, None, :]  # (B, 1, 1, Sk): SDPA broadcasts over heads and queries
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def ctxkern_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: query (B, H, Sq, D), key and value (B, H, Sk, D); returns
+    (output (B, Sq, H, D), None) as SDPA's function does (no attention probabilities are formed)."""
+    backend = getattr(module, "ctxkern_backend", "auto")
+    # SDPA's rule: a module that does not say otherwise is causal.
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    key_padding_mask = attention_mask
+    if attention_mask is not None and attention_mask.dim() == 4 and not causal:
+        key_padding_mask = _padding_rows(attention_mask)
+    if (causal or dropout != 0.0 or not _kernel_takes(query, key, value, backend)
+            or (attention_mask is not None and (key_padding_mask is None or key_padding_mask.dim() != 2))):
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.expand(query.shape[0], key.shape[2])  # a (1, Sk) mask serves every row
+    # (B, H, S, D) -> (B, S, H, D): transposed views, read in place by the kernel.
+    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                        key_padding_mask=key_padding_mask, scale=scaling, backend=backend)
+    return out, None
+
+
+def register() -> None:
+    """Registers "ctxkern" with transformers' attention and mask registries (registering again is harmless)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ctxkern_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ctxkern_mask)
