@@ -178,11 +178,23 @@ class Bert(torch.nn.Module):
         -> last hidden states (T, H)."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (T,) packed tokens, got shape {tuple(input_ids.shape)}")
+        _check_cu_seqlens(cu_seqlens, len(input_ids), max_seqlen, self.config.max_position_embeddings)
+        _check_ids(input_ids, "input_ids", self.config.vocab_size)
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+        if token_type_ids is not None:
+            _check_ids(token_type_ids, "token_type_ids", self.config.type_vocab_size)
+        if position_ids is not None:
+            _check_ids(position_ids, "position_ids", self.config.max_position_embeddings)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             starts = cu_seqlens[:-1].long().repeat_interleave(cu_seqlens.diff().long(), output_size=len(input_ids))
             position_ids = torch.arange(len(input_ids), device=input_ids.device) - starts
+        return self._run_packed(input_ids, cu_seqlens.to(torch.int32), max_seqlen, token_type_ids, position_ids)
+
+    def _run_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids) -> Tensor:
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)           # (T, H)
 
         def attend(q, k, v):                                                          # (T, heads, head_dim)
@@ -227,8 +239,8 @@ class Bert(torch.nn.Module):
         lengths = mask.sum(1, dtype=torch.int32)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         max_seqlen = int(lengths.max())
-        packed = self.forward_packed(input_ids.flatten()[index], cu_seqlens, max_seqlen,
-                                     token_type_ids.flatten()[index], position_ids.flatten()[index])
+        packed = self._run_packed(input_ids.flatten()[index], cu_seqlens, max_seqlen,
+                                  token_type_ids.flatten()[index], position_ids.flatten()[index])
         hidden = packed.new_zeros(b * s, packed.shape[-1]).index_copy(0, index, packed)
         return hidden.view(b, s, -1)                                                  # (B, S, H)
 
@@ -253,7 +265,25 @@ class Bert(torch.nn.Module):
         state = _from_hf_names(tensors, config, has_pooler)
         model.load_state_dict(state, assign=True)
         dtype = dtype if dtype is not None else torch.float32
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16 (ctxkern's kernels), got {dtype}")
         return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int, max_positions: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor (B + 1,), got {cu_seqlens.dtype} of shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or offsets[-1] != total or any(n < 0 for n in lengths):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at input_ids' length {total}, "
+                         f"got {offsets if len(offsets) <= 10 else offsets[:5] + ['...'] + offsets[-5:]}")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is smaller than a sequence of cu_seqlens ({max(lengths)} tokens)")
+    if lengths and max(lengths) > max_positions:
+        raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_position_embeddings "
+                         f"{max_positions}")
 
 
 def _check_ids(ids: Tensor, name: str, size: int) -> None:
