@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import require_backend
 from ctxkern.models import Bert, CheckpointError, bundled_model_path
+from random_hf import randomize
 
 # Sentences of different lengths, with punctuation, accents, CJK and an emoji for the tokenizer.
 SENTENCES = [
@@ -120,16 +121,6 @@ def test_minilm_forward_packed_equals_padded_per_sentence(minilm, hf_minilm, tok
 
 SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
              max_position_embeddings=32)
-
-
-def randomize(model):
-    """Weights large enough that every part of the model shows in the output: at Hugging Face's initializer_range
-    of 0.02 the sublayers barely move the residual stream, and exact GELU would pass for gelu_new. LayerNorm
-    weights and all biases are random too, so a swapped weight and bias or a dropped bias shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("LayerNorm.weight") else 0.2 * torch.randn_like(p))
-    return model
 CHECKPOINT_KINDS = ["safetensors", "pytorch-bin", "sequence-classification", "no-pooler"]
 
 
