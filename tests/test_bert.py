@@ -121,7 +121,7 @@ def test_minilm_forward_packed_equals_padded_per_sentence(minilm, hf_minilm, tok
 
 SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
              max_position_embeddings=32)
-CHECKPOINT_KINDS = ["safetensors", "pytorch-bin", "sequence-classification", "no-pooler"]
+CHECKPOINT_KINDS = ["safetensors", "pytorch-bin", "sharded", "gamma-beta", "sequence-classification", "no-pooler"]
 
 
 def save_small(folder, kind, hidden_act="gelu"):
@@ -132,11 +132,19 @@ def save_small(folder, kind, hidden_act="gelu"):
         full.save_pretrained(folder)
         return full.bert
     model = randomize(transformers.BertModel(config, add_pooling_layer=kind != "no-pooler").eval())
-    if kind == "pytorch-bin":
+    if kind in ("pytorch-bin", "gamma-beta"):
         # transformers 5 always writes safetensors (safe_serialization=False is gone); this is the config.json
-        # and pytorch_model.bin that save_pretrained(safe_serialization=False) wrote before it.
+        # and pytorch_model.bin that save_pretrained(safe_serialization=False) wrote before it. Old BERT
+        # checkpoints (TensorFlow ports) name LayerNorm's parameters gamma and beta.
+        state = model.state_dict()
+        if kind == "gamma-beta":
+            state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                     for k, v in state.items()}
         config.save_pretrained(folder)
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        torch.save(state, folder / "pytorch_model.bin")
+    elif kind == "sharded":                                # model.safetensors.index.json and several shards
+        model.save_pretrained(folder, max_shard_size="100KB")
+        assert len(list(folder.glob("model-*.safetensors"))) > 1
     else:
         model.save_pretrained(folder)
     return model
@@ -178,6 +186,25 @@ def test_small_checkpoint_matches_transformers(small_checkpoints, hidden_act, ki
         assert ours.pooler_output is None and theirs.pooler_output is None
     else:
         assert (ours.pooler_output - theirs.pooler_output).abs().max() < SMALL_ATOL
+
+
+@pytest.mark.parametrize("padding_free", [None, True, False], ids=["default", "padding-free", "padded"])
+def test_small_left_padding_and_an_all_padding_row(small_checkpoints, padding_free):
+    """Real tokens match wherever the padding sits; a sentence with no token gives no NaN (zeros padding-free)."""
+    folder, hf = small_checkpoints["gelu", "safetensors"]
+    ids, _, token_types = small_batch(seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0                                        # left padding: position 0 is padding
+    mask[2] = 0                                            # no token at all
+    model = Bert.from_pretrained(folder, padding_free=padding_free)
+    with torch.inference_mode():
+        theirs, ours = hf(ids, mask, token_types), model(ids, mask, token_types)
+    assert not ours.last_hidden_state.isnan().any() and not ours.pooler_output.isnan().any()
+    assert real_token_error(ours.last_hidden_state, theirs.last_hidden_state, mask) < SMALL_ATOL
+    # The pooler reads position 0, which is a real token only in row 1.
+    assert (ours.pooler_output[1] - theirs.pooler_output[1]).abs().max() < SMALL_ATOL
+    if padding_free is not False:
+        assert (ours.last_hidden_state[~mask.bool()] == 0).all()
 
 
 @pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
@@ -363,6 +390,16 @@ def test_more_positions_than_max_position_embeddings(small_model):
     ids = torch.ones(1, SMALL["max_position_embeddings"] + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         small_model(ids)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
+    "forward_packed derives position_ids from cu_seqlens (repeat_interleave with output_size=T) before "
+    "attention_varlen checks it, so a cu_seqlens that does not end at T or decreases raises torch's bare "
+    "'RuntimeError: allocated size does not match required size', which names no argument"))
+@pytest.mark.parametrize("cu_seqlens", [[0, 3, 9], [0, 5, 3]], ids=["wrong-total", "decreasing"])
+def test_forward_packed_bad_cu_seqlens_is_named(small_model, cu_seqlens):
+    with pytest.raises((ValueError, RuntimeError), match="cu_seqlens"):
+        small_model.forward_packed(torch.ones(5, dtype=torch.long), torch.tensor(cu_seqlens, dtype=torch.int32), 5)
 
 
 def test_unknown_backend_is_named(good_checkpoint):

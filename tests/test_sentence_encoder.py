@@ -157,6 +157,14 @@ def test_small_legacy_folder_matches_sentence_transformers(small_bert, tmp_path,
     assert_matches(ours, theirs)
 
 
+@pytest.mark.parametrize("padding_free", [None, False], ids=["padding-free", "padded"])
+def test_small_plain_bert_folder_is_mean_pooled_like_sentence_transformers(small_bert, padding_free):
+    """A Hugging Face folder without modules.json: sentence-transformers adds mean pooling and no Normalize."""
+    theirs = SentenceTransformer(str(small_bert), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    ours = SentenceEncoder.from_pretrained(small_bert, padding_free=padding_free).encode(SENTENCES, batch_size=3)
+    assert_matches(ours, theirs)
+
+
 @pytest.mark.xfail(raises=CheckpointError, strict=True, reason=(
     "sentence-transformers 6.x saves modules.json with the types sentence_transformers.base.modules.transformer."
     "Transformer, sentence_transformers.sentence_transformer.modules.pooling.Pooling and sentence_transformers.base."
