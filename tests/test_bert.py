@@ -60,7 +60,7 @@ def tokenized(tokenizer, kind):
         return tokenizer(SENTENCES, padding=True, return_tensors="pt")
     if kind == "pairs":                                    # token_type_ids 1 on the second segment
         return tokenizer(SENTENCES, SECOND_SEGMENTS, padding=True, return_tensors="pt")
-    # Every sentence has at least 6 tokens, so truncating to 6 leaves a batch without padding.
+    # Every sentence but "Hi" has at least 6 tokens, so truncating them to 6 leaves a batch without padding.
     batch = tokenizer(SENTENCES[:2] + SENTENCES[3:], truncation=True, max_length=6, padding=True,
                       return_tensors="pt")
     assert batch["attention_mask"].all()
