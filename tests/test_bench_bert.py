@@ -58,7 +58,7 @@ def test_random_weight_model_agrees_across_every_candidate(monkeypatch):
 
     monkeypatch.setattr(bert, "bundled_model_path", missing)
     [case] = bert.cases("cpu", quick=True, with_compile=False)
-    assert case.shape.startswith("random-weight MiniLM-L6 32 sentences")
+    assert case.shape.startswith("random-weight MiniLM-L6 N=32 ")
     reference = case.reference()
     assert reference[0].dtype == torch.float64 and reference[0].shape == (32, 384)
     # Distinct sentences give distinct embeddings: a tokenizer that mapped every word to [UNK] would not.

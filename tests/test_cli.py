@@ -50,7 +50,7 @@ def test_bench_bert_quick_reports_sentences_per_second_against_sentence_transfor
                                             "ctxkern.cpu SentenceEncoder", "ctxkern.cpu SentenceEncoder padded"}
     for row in rows:
         assert ROW_KEYS <= row.keys() and "error" not in row and "note" not in row, row
-        assert row["op"] == "bert_encode" and "32 sentences" in row["shape"] and row["dtype"] == "float32"
+        assert row["op"] == "bert_encode" and "N=32 " in row["shape"] and row["dtype"] == "float32"
         assert row["items_per_s"] > 0 and row["tflops"] > 0 and row["gbps"] is None
         assert row["peer"] == "sentence-transformers encode" and row["speedup_vs_peer"] > 0
         assert row["speedup_vs_torch"] is None

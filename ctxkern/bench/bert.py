@@ -6,6 +6,10 @@ configuration saved once as a sentence-transformers folder that every candidate 
 sentence-transformers' encode (the peer the speed-up is taken against), Hugging Face's BertModel (SDPA) with
 its tokenizer and a mean pool, and ctxkern's SentenceEncoder padding-free (its default) and padded, per
 backend. The check: each candidate's embeddings against sentence-transformers' own encode in float64.
+fp32 on a CPU; on CUDA also fp16 and bf16, and a padding study: one batch of 32 sentences, about half of it
+padding, our padded path against our padding-free one. A quick run: one batch of short sentences, fp32 (bf16 on
+CUDA), few timing rounds. In the shape, N sentences hold `tokens` real tokens after truncation, and real= is
+their share of the padded batches (sorted by length) that the padded candidates build.
 
 TFLOP/s count the encoder's useful work on the real tokens (tokenization and pooling are not counted):
 per layer, 2 * (4 H^2 + 2 H I) flops per token for the projections and the MLP, and 4 * H flops per
@@ -90,7 +94,7 @@ def _hf_sdpa_encode(folder: Path, device: str, dtype: torch.dtype, sentences: Se
     from transformers import AutoTokenizer, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = BertModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    model = BertModel.from_pretrained(folder, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
 
     @torch.inference_mode()
@@ -139,7 +143,7 @@ def _padded_tokens(lengths: Sequence[int]) -> int:
 def _case(op: str, label: str, folder: Path, device: str, dtype: torch.dtype, sentences: list[str],
           reference_model, warmup: int, rounds: int) -> Case:
     lengths = _token_counts(folder, sentences)
-    case = Case(op=op, shape=f"{label} {len(sentences)} sentences, {sum(lengths)} tokens, "
+    case = Case(op=op, shape=f"{label} N={len(sentences)} tokens={sum(lengths)} "
                              f"real={sum(lengths) / _padded_tokens(lengths):.0%}", dtype=dtype, bytes_moved=None,
                 flops=encoder_flops(lengths, MINILM["hidden_size"], MINILM["intermediate_size"],
                                     MINILM["num_hidden_layers"]),

@@ -105,14 +105,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if _speedup(r)[0] is not None]
-    labels = [f"{r['op']} {r['shape']} {r['dtype']} | {r['backend']}{_speedup(r)[1]}" for r in rows]
+    labels = [f"{r['op']} {r['shape']} {r['dtype']} | {r['backend']}" for r in rows]
+    peers = sorted({r["peer"] for r in rows if _speedup(r)[1]})
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     colors = ["#999999" if r["baseline"] else "#1f77b4" for r in rows]
     ax.barh(range(len(rows)), [_speedup(r)[0] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed-up over torch eager, or over the named peer (higher is better; blue = ctxkern)")
+    ax.set_xlabel(f"speed-up over torch eager or, end to end, over {', '.join(peers)} (blue = ctxkern)" if peers
+                  else "speed-up over torch eager (higher is better; blue = ctxkern)")
     ax.set_title(f"ctxkern on {result['device']} ({result['date']}, {result['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
