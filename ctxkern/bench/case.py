@@ -75,8 +75,8 @@ def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype)
 
 def _new_row(case: Case, cand: Candidate) -> dict:
     row = {"op": case.op, "backend": cand.backend, "shape": case.shape,
-            "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
-            "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+           "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
+           "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
     if case.items is not None:
         row["items_per_s"] = None
     if case.peer is not None:
