@@ -39,6 +39,24 @@ def test_bench_writes_json_markdown_and_png(tmp_path):
     assert json_path.with_suffix(".md").read_text().startswith("# ctxkern benchmark")
     assert json_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "ctxkern.cpu *" in proc.stdout
+    assert "items/s" not in proc.stdout and all("items_per_s" not in r for r in rows)
+
+
+def test_bench_bert_quick_reports_sentences_per_second_against_sentence_transformers(tmp_path):
+    proc = ctxkern_cli("bench", "--op", "bert", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(next(tmp_path.glob("*-cpu-bert.json")).read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"sentence-transformers encode", "HF BertModel (SDPA) + mean pool",
+                                            "ctxkern.cpu SentenceEncoder", "ctxkern.cpu SentenceEncoder padded"}
+    for row in rows:
+        assert ROW_KEYS <= row.keys() and "error" not in row and "note" not in row, row
+        assert row["op"] == "bert_encode" and "N=32 " in row["shape"] and row["dtype"] == "float32"
+        assert row["items_per_s"] > 0 and row["tflops"] > 0 and row["gbps"] is None
+        assert row["peer"] == "sentence-transformers encode" and row["speedup_vs_peer"] > 0
+        assert row["speedup_vs_torch"] is None
+    [st] = [r for r in rows if r["backend"] == "sentence-transformers encode"]
+    assert st["speedup_vs_peer"] == 1.0
+    assert "items/s" in proc.stdout and "x vs sentence-transformers encode" in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [

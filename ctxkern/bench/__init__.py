@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ctxkern.bench import attention, layer_norm, lstm, masked_mean_pool
+from ctxkern.bench import attention, bert, layer_norm, lstm, masked_mean_pool
 from ctxkern.bench.case import Case, run_case
 from ctxkern.bench.peaks import measure_peaks
 from ctxkern.bench.report import git_commit
@@ -19,7 +19,8 @@ OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_n
                                                             "masked_mean_pool": masked_mean_pool.cases,
                                                             "attention": attention.cases,
                                                             "lstm_cell": lstm.cell_cases,
-                                                            "lstm": lstm.layer_cases}
+                                                            "lstm": lstm.layer_cases,
+                                                            "bert": bert.cases}
 
 
 def steady_cpu_allocator() -> str:

@@ -30,10 +30,17 @@ class Case:
     op: str
     shape: str
     dtype: torch.dtype
-    bytes_moved: float                            # the fewest bytes the op must read and write
+    bytes_moved: Optional[float]                  # the fewest bytes the op must read and write; None end to end
     flops: Optional[float]                        # useful floating-point operations, None for memory-bound ops
     reference: Callable[[], Sequence[Tensor]]     # float64 results
     candidates: list[Candidate] = field(default_factory=list)
+    # End-to-end cases (a model encoding sentences): the items one run processes, reported per second, and the
+    # peer the speed-up is taken against, as it has no "torch eager" candidate.
+    items: Optional[int] = None
+    peer: Optional[str] = None
+    # Timing rounds on a CPU: fewer for end-to-end cases, whose one run lasts seconds.
+    cpu_rounds: int = 15
+    cpu_warmup: int = 3
 
 
 def backward_only(forward: Callable, leaves: Sequence[Tensor], grad_outputs, *rest) -> Callable[[], tuple]:
@@ -67,9 +74,14 @@ def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype)
 
 
 def _new_row(case: Case, cand: Candidate) -> dict:
-    return {"op": case.op, "backend": cand.backend, "shape": case.shape,
-            "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
-            "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+    row = {"op": case.op, "backend": cand.backend, "shape": case.shape,
+           "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
+           "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+    if case.items is not None:
+        row["items_per_s"] = None
+    if case.peer is not None:
+        row |= {"peer": case.peer, "speedup_vs_peer": None}
+    return row
 
 
 def _check_or_explain(cand: Candidate, reference: Sequence[Tensor], dtype: torch.dtype) -> Optional[str]:
@@ -97,18 +109,27 @@ def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
             row["note"] = f"inaccurate: {problem}"
         timed.append((row, cand))
     if device == "cpu":
-        times = time_cpu_interleaved([cand.fn for _, cand in timed])
+        times = time_cpu_interleaved([cand.fn for _, cand in timed], rounds=case.cpu_rounds,
+                                     warmup=case.cpu_warmup)
     else:
         times = [time_cuda(cand.fn) for _, cand in timed]
     eager_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == "torch eager"), None)
+    peer_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == case.peer), None)
     for (row, _), ms in zip(timed, times):
         row["median_ms"] = ms
-        row["gbps"] = case.bytes_moved / ms / 1e6
+        if case.bytes_moved is not None:
+            row["gbps"] = case.bytes_moved / ms / 1e6
         if case.flops is not None:
             row["tflops"] = case.flops / ms / 1e9
-        # Memory-bound ops are scaled by the copy bandwidth, compute-bound ones by the matmul rate.
-        row["peak_fraction"] = (row["tflops"] / peaks["bf16_tflops"] if case.flops is not None
-                                else row["gbps"] / peaks["copy_gbps"])
+        # Compute-bound ops are scaled by the matmul rate, memory-bound ones by the copy bandwidth.
+        if row["tflops"] is not None:
+            row["peak_fraction"] = row["tflops"] / peaks["bf16_tflops"]
+        elif row["gbps"] is not None:
+            row["peak_fraction"] = row["gbps"] / peaks["copy_gbps"]
         if eager_ms is not None:
             row["speedup_vs_torch"] = eager_ms / ms
+        if case.items is not None:
+            row["items_per_s"] = case.items / ms * 1e3
+        if peer_ms is not None:
+            row["speedup_vs_peer"] = peer_ms / ms
     return rows

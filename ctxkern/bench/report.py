@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 
 def git_commit() -> str:
@@ -25,6 +26,9 @@ def _fmt(value, spec: str) -> str:
 
 
 COLUMNS = ("op", "shape", "dtype", "backend", "median ms", "GB/s", "TFLOP/s", "vs torch", "of peak")
+ITEMS_COLUMN = "items/s"
+PEER_NOTE = ("'vs <peer>' in the 'vs torch' column: an end-to-end case (no torch eager) divides the named peer's "
+             "time by this row's instead; items/s: sentences (or other items) per second")
 
 
 def _time_cell(r: dict) -> str:
@@ -37,22 +41,47 @@ def _ratio_cell(value, scale: float, suffix: str) -> str:
     return "-" if value is None else f"{value * scale:.{2 if suffix == 'x' else 0}f}{suffix}"
 
 
+def _speedup(r: dict) -> tuple[Optional[float], str]:
+    """The row's speed-up and a label of what it is against: "" for torch eager, else " vs <peer>"."""
+    if r["speedup_vs_torch"] is None and r.get("speedup_vs_peer") is not None:
+        return r["speedup_vs_peer"], f" vs {r['peer']}"
+    return r["speedup_vs_torch"], ""
+
+
+def _speedup_cell(r: dict) -> str:
+    value, against = _speedup(r)
+    return _ratio_cell(value, 1, "x") + against
+
+
+def _has_items(rows: list[dict]) -> bool:
+    return any("items_per_s" in r for r in rows)
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The table's columns: items/s only when some case counts items, so other ops' tables are unchanged."""
+    return COLUMNS[:5] + ((ITEMS_COLUMN,) if _has_items(rows) else ()) + COLUMNS[5:]
+
+
 def table_lines(rows: list[dict]) -> list[list[str]]:
-    return [[r["op"], r["shape"], r["dtype"], r["backend"] + ("" if r["baseline"] else " *"), _time_cell(r),
-             _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".3g"), _ratio_cell(r["speedup_vs_torch"], 1, "x"),
-             _ratio_cell(r["peak_fraction"], 100, "%")] for r in rows]
+    items = _has_items(rows)
+    return [[r["op"], r["shape"], r["dtype"], r["backend"] + ("" if r["baseline"] else " *"), _time_cell(r)]
+            + ([_fmt(r.get("items_per_s"), ".1f")] if items else [])
+            + [_fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".3g"), _speedup_cell(r),
+               _ratio_cell(r["peak_fraction"], 100, "%")] for r in rows]
 
 
 def format_text(result: dict) -> str:
-    lines = table_lines(result["rows"])
-    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(COLUMNS)]
+    lines, cols = table_lines(result["rows"]), columns(result["rows"])
+    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
     out = [f"device: {result['device']}   torch {result['torch']}   commit {result['commit']}   "
            f"peak: copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s",
            f"allocator: {result['allocator']}",
-           "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+           "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     out += ["  ".join(v.ljust(w) for v, w in zip(l, widths)) for l in lines]
     out.append("(* = ctxkern; 'vs torch' = torch eager time / this time; 'of peak' = GB/s over the measured copy "
                "bandwidth, or TFLOP/s over the measured bf16 matmul rate)")
+    if _has_items(result["rows"]):
+        out.append(f"({PEER_NOTE})")
     return "\n".join(out)
 
 
@@ -61,9 +90,11 @@ def format_markdown(result: dict) -> str:
            f"torch {result['torch']}, commit `{result['commit']}`, {result['date']}. Measured peaks in this run: "
            f"copy {result['peak']['copy_gbps']:.1f} GB/s, bf16 matmul {result['peak']['bf16_tflops']:.2f} TFLOP/s. "
            f"Allocator: {result['allocator']}.",
-           "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+           "", "| " + " | ".join(columns(result["rows"])) + " |", "|" + "---|" * len(columns(result["rows"]))]
     out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in l) + " |" for l in table_lines(result["rows"])]
     out += ["", "`*` marks ctxkern's kernels. 'vs torch' is torch eager's median time over this row's."]
+    if _has_items(result["rows"]):
+        out[-1] += f" {PEER_NOTE}."
     return "\n".join(out) + "\n"
 
 
@@ -73,15 +104,17 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["speedup_vs_torch"] is not None]
+    rows = [r for r in result["rows"] if _speedup(r)[0] is not None]
     labels = [f"{r['op']} {r['shape']} {r['dtype']} | {r['backend']}" for r in rows]
+    peers = sorted({r["peer"] for r in rows if _speedup(r)[1]})
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     colors = ["#999999" if r["baseline"] else "#1f77b4" for r in rows]
-    ax.barh(range(len(rows)), [r["speedup_vs_torch"] for r in rows], color=colors)
+    ax.barh(range(len(rows)), [_speedup(r)[0] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed-up over torch eager (higher is better; blue = ctxkern)")
+    ax.set_xlabel(f"speed-up over torch eager or, end to end, over {', '.join(peers)} (blue = ctxkern)" if peers
+                  else "speed-up over torch eager (higher is better; blue = ctxkern)")
     ax.set_title(f"ctxkern on {result['device']} ({result['date']}, {result['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
