@@ -19,15 +19,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch, nn, ops
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
+from ctxkern.models._linear import ACTIVATIONS, Linear
 
 
 # ----------------------------------------------------------------------------- config
@@ -47,8 +39,9 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.hidden_act not in ACTIVATIONS or self.hidden_act is None:
+            raise ValueError(f"hidden_act must be one of {', '.join(filter(None, ACTIVATIONS))}, "
+                             f"got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -107,13 +100,12 @@ class BertLayer(torch.nn.Module):
         super().__init__()
         h = config.hidden_size
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.qkv = torch.nn.Linear(h, 3 * h)                   # rows: query, key, value (Hugging Face's three)
-        self.attention_out = torch.nn.Linear(h, h)
+        self.qkv = Linear(h, 3 * h)                            # rows: query, key, value (Hugging Face's three)
+        self.attention_out = Linear(h, h)
         self.attention_norm = nn.LayerNorm(h, config.layer_norm_eps, backend=backend)
-        self.intermediate = torch.nn.Linear(h, config.intermediate_size)
-        self.output = torch.nn.Linear(config.intermediate_size, h)
+        self.intermediate = Linear(h, config.intermediate_size, activation=config.hidden_act)
+        self.output = Linear(config.intermediate_size, h)
         self.output_norm = nn.LayerNorm(h, config.layer_norm_eps, backend=backend)
-        self.act = ACTIVATIONS[config.hidden_act]
         self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
@@ -121,13 +113,13 @@ class BertLayer(torch.nn.Module):
         q, k, v = qkv.unbind(-3)                                          # strided views, no copy
         context = attend(q, k, v).flatten(-2)                             # (..., H)
         x = self.attention_norm(self.dropout(self.attention_out(context)), residual=x)
-        return self.output_norm(self.dropout(self.output(self.act(self.intermediate(x)))), residual=x)
+        return self.output_norm(self.dropout(self.output(self.intermediate(x))), residual=x)
 
 
 class BertPooler(torch.nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, first_token: Tensor) -> Tensor:
         return torch.tanh(self.dense(first_token))

@@ -1,0 +1,75 @@
+"""The models' Linear: torch.nn.Linear + activation, with fp32 CPU inference on oneDNN's matmul."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_fp32_close
+from ctxkern.models import _linear
+from ctxkern.models._linear import ACTIVATIONS, Linear
+
+REFERENCE = {None: lambda x: x, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+             "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+             "swish": F.silu}
+
+
+def float64_reference(layer, x):
+    return REFERENCE[layer.activation](F.linear(x.double(), layer.weight.double(), layer.bias.double()))
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting(*args):
+        calls.append(args[3:])
+        return real(*args)
+
+    monkeypatch.setattr(_linear.torch.ops.mkldnn, "_linear_pointwise", counting, raising=False)
+    return calls
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
+@pytest.mark.parametrize("shape", [(1, 384), (7, 383), (3, 41, 384)], ids=lambda s: "x".join(map(str, s)))
+def test_inference_runs_onednn_and_matches_float64(activation, shape, onednn_calls):
+    layer = Linear(shape[-1], 257, activation=activation)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = layer(x)
+    assert onednn_calls, "fp32 CPU inference should take oneDNN's matmul"
+    assert out.shape == (*shape[:-1], 257)
+    assert_fp32_close(out, float64_reference(layer, x))
+
+
+@pytest.mark.parametrize("activation", ["gelu", None], ids=str)
+def test_training_takes_f_linear_with_gradients(activation, onednn_calls):
+    layer = Linear(64, 32, activation=activation)
+    x = torch.randn(5, 64, requires_grad=True)
+    out = layer(x)
+    assert not onednn_calls, "oneDNN's linear has no autograd formula; a gradient needs F.linear"
+    out.sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ref = REFERENCE[activation](F.linear(xd, layer.weight.double(), layer.bias.double()))
+    ref.sum().backward()
+    assert_fp32_close(out, ref)
+    assert_fp32_close(x.grad, xd.grad)
+
+
+def test_bf16_and_non_float32_take_f_linear(onednn_calls):
+    layer = Linear(16, 8).bfloat16()
+    with torch.inference_mode():
+        layer(torch.randn(4, 16, dtype=torch.bfloat16))
+    assert not onednn_calls
+
+
+def test_state_dict_is_torch_linear():
+    layer = Linear(6, 4, activation="gelu")
+    plain = torch.nn.Linear(6, 4)
+    plain.load_state_dict(layer.state_dict())
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="activation must be one of .* got 'tanh_exp'"):
+        Linear(4, 4, activation="tanh_exp")
