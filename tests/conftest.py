@@ -57,6 +57,19 @@ BACKEND_DEVICES = [
 ]
 
 
+def bundled_model_folder():
+    """The bundled all-MiniLM-L6-v2 folder. Every CPU machine has it (requirements.txt), and a test there fails
+    without it; the GPU machine cannot take its 83 MB, so there the tests that need it skip."""
+    from ctxkern.models import bundled_model_path
+
+    try:
+        return bundled_model_path()
+    except RuntimeError as err:
+        if HAS_CUDA:
+            pytest.skip(f"{err} (the GPU machine gets no bundled model)")
+        raise
+
+
 def require_backend(backend: str) -> None:
     status = ctxkern.backends()[backend]
     assert status == "available", f"backend {backend!r} should run in this test run: {status}"

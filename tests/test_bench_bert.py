@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from conftest import bundled_model_folder
 from ctxkern.bench import bert, sentences
 from ctxkern.bench.case import check
 
@@ -25,12 +26,7 @@ def test_sentence_lengths_follow_the_mix():
 
 def test_some_sentences_exceed_the_bundled_models_256_tokens():
     tokenizers = pytest.importorskip("tokenizers")
-    from ctxkern.models import bundled_model_path
-
-    try:
-        folder = bundled_model_path()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    folder = bundled_model_folder()
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.no_truncation()
     lengths = [len(e.ids) for e in tokenizer.encode_batch(sentences.realistic_sentences())]

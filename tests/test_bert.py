@@ -9,8 +9,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import require_backend
-from ctxkern.models import Bert, CheckpointError, bundled_model_path
+from conftest import bundled_model_folder, require_backend
+from ctxkern.models import Bert, CheckpointError
 from random_hf import randomize
 
 # Sentences of different lengths, with punctuation, accents, CJK and an emoji for the tokenizer.
@@ -35,7 +35,7 @@ def real_token_error(ours, theirs, mask):
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    return bundled_model_path()
+    return bundled_model_folder()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from ctxkern.models import bundled_model_path
+from conftest import bundled_model_folder
 from ctxkern.search import DEFAULT_CORPUS
 
 POLYSEMY = ["The bank approved my loan application.", "I sat on the bank of the river.",
@@ -17,11 +17,16 @@ def ctxkern_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ctxkern", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _bundled_model():
+    bundled_model_folder()
+
+
 @pytest.fixture(scope="module")
 def sentence_transformer():
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(bundled_model_path()), device="cpu")
+    return SentenceTransformer(str(bundled_model_folder()), device="cpu")
 
 
 def st_cosines(model, a, b):

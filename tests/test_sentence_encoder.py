@@ -11,7 +11,8 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-from ctxkern.models import CheckpointError, SentenceEncoder, bundled_model_path
+from conftest import bundled_model_folder
+from ctxkern.models import CheckpointError, SentenceEncoder
 from random_hf import randomize
 
 # Mixed lengths: an empty string, whitespace only, accents, CJK and an emoji, and one input far past 256 tokens.
@@ -40,11 +41,17 @@ def assert_matches(ours, theirs):
     assert diff <= MAX_ABS_DIFF * scale, f"max abs difference {diff:.3g}"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _bundled_model():
+    """Every test here needs the bundled model, if only its tokenizer."""
+    bundled_model_folder()
+
+
 # ----------------------------------------------------------------------------- the bundled all-MiniLM-L6-v2
 
 @pytest.fixture(scope="module")
 def st_minilm():
-    return SentenceTransformer(str(bundled_model_path()), device="cpu")
+    return SentenceTransformer(str(bundled_model_folder()), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +133,7 @@ def small_bert(tmp_path_factory):
     config = transformers.BertConfig(vocab_size=30522, **SMALL)
     randomize(transformers.BertModel(config).eval()).save_pretrained(folder)
     for name in TOKENIZER_FILES:
-        shutil.copy(bundled_model_path() / name, folder)
+        shutil.copy(bundled_model_folder() / name, folder)
     return folder
 
 
