@@ -78,9 +78,17 @@ def _write_random_minilm(folder: Path) -> None:
     (folder / "modules.json").write_text(json.dumps(modules))
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" progress bar per model in the benchmark's output (this process only)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _sentence_transformers(folder: Path, device: str, dtype: torch.dtype):
     from sentence_transformers import SentenceTransformer
 
+    _quiet_transformers()
     return SentenceTransformer(str(folder), device=device).to(dtype).eval()
 
 
@@ -93,6 +101,7 @@ def _hf_sdpa_encode(folder: Path, device: str, dtype: torch.dtype, sentences: Se
     length like sentence-transformers, padded per batch, a masked mean and an L2 normalization."""
     from transformers import AutoTokenizer, BertModel
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = BertModel.from_pretrained(folder, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
