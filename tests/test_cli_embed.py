@@ -87,7 +87,14 @@ def test_search_reads_a_corpus_file(tmp_path):
     (("search", "--query", "x", "--corpus", "/nonexistent/corpus.txt"), "/nonexistent/corpus.txt"),
     (("embed", "a sentence", "--model", "/nonexistent/model"), "/nonexistent/model"),
     (("embed", "--word", "bank", "no such word here"), "word 'bank' is not in sentence 0"),
+    (("embed", "a sentence", "--device", "tpu"), "device 'tpu' is not a torch device"),
 ])
 def test_bad_arguments_give_a_clear_error(args, message):
     proc = ctxkern_cli(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    proc = ctxkern_cli("embed", "a sentence", "--device", "cuda")
+    assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr, proc.stderr

@@ -243,6 +243,7 @@ class Bert(torch.nn.Module):
                         padding_free: Optional[bool] = None) -> "Bert":
         """A Hugging Face BERT folder: config.json and model.safetensors or pytorch_model.bin (possibly sharded;
         .bin is read with weights_only=True). Every tensor's name and shape is checked against config.json."""
+        device = _check_device(device)
         folder = checkpoint_folder(path)
         config = BertConfig.from_json(folder / "config.json")
         tensors, source = read_weights(folder)
@@ -260,6 +261,18 @@ class Bert(torch.nn.Module):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16 (ctxkern's kernels), got {dtype}")
         return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but torch sees no CUDA device")
+    return device
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int, max_positions: int) -> None:
