@@ -226,8 +226,7 @@ class Bert(torch.nn.Module):
 
     def _forward_unpadded(self, input_ids, mask, token_type_ids, position_ids) -> Tensor:
         b, s = input_ids.shape
-        flat_mask = mask.flatten()
-        index = flat_mask.nonzero().squeeze(1)                                        # (T,) real tokens
+        index = mask.flatten().nonzero().squeeze(1)                                   # (T,) real tokens
         lengths = mask.sum(1, dtype=torch.int32)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         max_seqlen = int(lengths.max())
