@@ -171,14 +171,7 @@ class Bert(torch.nn.Module):
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (T,) packed tokens, got shape {tuple(input_ids.shape)}")
         _check_cu_seqlens(cu_seqlens, len(input_ids), max_seqlen, self.config.max_position_embeddings)
-        _check_ids(input_ids, "input_ids", self.config.vocab_size)
-        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        if token_type_ids is not None:
-            _check_ids(token_type_ids, "token_type_ids", self.config.type_vocab_size)
-        if position_ids is not None:
-            _check_ids(position_ids, "position_ids", self.config.max_position_embeddings)
+        self._check_ids(input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
@@ -205,14 +198,24 @@ class Bert(torch.nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} positions, more than max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        _check_ids(input_ids, "input_ids", self.config.vocab_size)
-        if token_type_ids is not None:
-            _check_ids(token_type_ids, "token_type_ids", self.config.type_vocab_size)
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        self._check_ids(input_ids, token_type_ids=token_type_ids)
         mask = None if attention_mask is None else attention_mask != 0
         return input_ids, mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+
+    def _check_ids(self, input_ids: Tensor, **companions: Optional[Tensor]) -> None:
+        """input_ids within the vocabulary; token_type_ids / position_ids of its shape and within their tables."""
+        sizes = {"input_ids": self.config.vocab_size, "token_type_ids": self.config.type_vocab_size,
+                 "position_ids": self.config.max_position_embeddings}
+        _check_ids(input_ids, "input_ids", sizes["input_ids"])
+        for name, ids in companions.items():
+            if ids is None:
+                continue
+            if ids.shape != input_ids.shape:
+                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(ids.shape)}")
+            _check_ids(ids, name, sizes[name])
 
     def _packs(self, mask: Optional[Tensor]) -> bool:
         if mask is None or self.padding_free is False or mask.numel() == 0:
