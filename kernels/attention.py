@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import device_guard
+
 # The softmax runs in base 2 (exp2 is one instruction): scores are scaled by log2(e) and lse converted back.
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -433,12 +435,14 @@ def _fwd(q, k, v, mask, cu_q, cu_k, batch, sq, sk, causal, scale, varlen):
     mask_u8, kv_end, stride_mask_b = _mask_args(mask)
     cfg = _tile_config(d, q.dtype, q.device.type == "cpu")
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, mask_u8, kv_end, cu_q, cu_k,
-        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
-        0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b,
-        h, sq, sk, d, scale * LOG2E.value,
-        CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
+    with device_guard(q):
+        _attention_fwd_kernel[grid](
+            q, k, v, out, lse, mask_u8, kv_end, cu_q, cu_k,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+            0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b,
+            h, sq, sk, d, scale * LOG2E.value,
+            CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device),
+            **cfg)
     return out, lse
 
 
@@ -454,17 +458,18 @@ def _bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, batch, sq, sk, causal, scale
     cfg = _bwd_tile_config(d, q.dtype, q.device.type == "cpu")
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(-2), stride_mask_b)
     delta = torch.empty_like(lse)
-    _attention_bwd_delta_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)](
-        out, dout, delta, cu_q, cu_k, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides[:2],
-        h, sq, sk, d, IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
     common = dict(CAUSAL=causal, HAS_MASK=mask is not None, IS_VARLEN=varlen, PRECISION=_precision(q.dtype, q.device), **cfg)
     strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(dout, varlen))
-    _attention_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), batch * h)](
-        q, k, v, dout, lse, delta, dk, dv, mask_u8, kv_end, cu_q, cu_k,
-        *strides, *_strides4(dk, varlen), *lse_strides, h, sq, sk, d, scale, **common)
-    _attention_bwd_dq_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)](
-        q, k, v, dout, lse, delta, dq, mask_u8, kv_end, cu_q, cu_k,
-        *strides, *_strides4(dq, varlen), *lse_strides, h, sq, sk, d, scale, **common)
+    with device_guard(q):
+        _attention_bwd_delta_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)](
+            out, dout, delta, cu_q, cu_k, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides[:2],
+            h, sq, sk, d, IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+        _attention_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), batch * h)](
+            q, k, v, dout, lse, delta, dk, dv, mask_u8, kv_end, cu_q, cu_k,
+            *strides, *_strides4(dk, varlen), *lse_strides, h, sq, sk, d, scale, **common)
+        _attention_bwd_dq_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), batch * h)](
+            q, k, v, dout, lse, delta, dq, mask_u8, kv_end, cu_q, cu_k,
+            *strides, *_strides4(dq, varlen), *lse_strides, h, sq, sk, d, scale, **common)
     return dq, dk, dv
 
 

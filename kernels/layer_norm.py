@@ -8,13 +8,14 @@ sums the workspace over programs (the scheme of the Triton layer-norm tutorial a
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard
 
 # A program keeps whole rows in registers. Wider rows spill to local memory long before this limit
 # (above N = 16384 on sm_90); past it a kernel that splits rows would be needed.
@@ -238,11 +239,6 @@ def _no_grad(x: Tensor) -> Tensor:
     return torch.empty(0, dtype=x.dtype, device=x.device)
 
 
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device, so make it the tensor's own.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def layer_norm_fwd_triton(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -258,7 +254,7 @@ def layer_norm_fwd_triton(
     if M == 0:
         return y, mean, rstd
     grid = (triton.cdiv(M, block_m),)
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_fwd_kernel[grid](
             x,
             residual,
@@ -322,7 +318,7 @@ def layer_norm_bwd_triton(
     dweight = torch.empty((N,), dtype=weight.dtype, device=device) if has_weight else _no_grad(x)
     dbias = torch.empty((N,), dtype=x.dtype, device=device) if has_bias else _no_grad(x)
 
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_bwd_kernel[(num_programs,)](
             dy,
             x,

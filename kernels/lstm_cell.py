@@ -8,13 +8,14 @@ workspace row, and torch sums the workspace over programs (a fixed order, so det
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard
 
 # A program's tile: BLOCK_B rows by BLOCK_H units, each unit with its four gates (4 * 16 * 64 fp32 values
 # per operand), enough loads in flight per program while keeping registers well under the limit.
@@ -148,11 +149,6 @@ def _lstm_cell_bwd_kernel(
         tl.store(part + 3 * hidden, tl.sum(do, axis=0), mask=col_mask)
 
 
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device, so make it the tensor's own.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _clip_bound(cell_clip: float | None) -> float:
     return math.inf if cell_clip is None else float(cell_clip)
 
@@ -169,7 +165,7 @@ def lstm_cell_fwd_triton(input_gates: Tensor, hidden_gates: Tensor, c: Tensor, b
     if B == 0 or H == 0:
         return h, c_new
     grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
-    with _device_guard(c):
+    with device_guard(c):
         _lstm_cell_fwd_kernel[grid](
             input_gates, hidden_gates, c, bias, h, c_new,
             input_gates.stride(0), hidden_gates.stride(0), c.stride(0), B, H, _clip_bound(cell_clip),
@@ -194,7 +190,7 @@ def lstm_cell_bwd_triton(dh: Tensor, dc_new: Tensor, input_gates: Tensor, hidden
         return dgates, dc, dbias
     row_blocks = triton.cdiv(B, BLOCK_B)
     partial = torch.empty((row_blocks, 4 * H), dtype=torch.float32, device=device) if bias is not None else None
-    with _device_guard(c):
+    with device_guard(c):
         _lstm_cell_bwd_kernel[(row_blocks, triton.cdiv(H, BLOCK_H))](
             dh, dc_new, input_gates, hidden_gates, c, bias, dgates, dc, partial,
             dh.stride(0), dc_new.stride(0), input_gates.stride(0), hidden_gates.stride(0), c.stride(0), B, H,

@@ -11,12 +11,12 @@ token-parallel kernel writes dhidden: g[b] at real tokens, zeros at padding.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard
 
 # A program keeps the whole row (BLOCK_D >= D columns) of accumulators in registers.
 MAX_D = 16384
@@ -172,11 +172,6 @@ def _row_config(D: int) -> tuple[int, int, int]:
     return block_s, block_d, num_warps
 
 
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device, so make it the tensor's own.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _forward(hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, B: int, S: int,
              normalize: bool) -> tuple[Tensor, Tensor]:
     D = hidden.shape[-1]
@@ -186,7 +181,7 @@ def _forward(hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, B: 
     if B == 0 or D == 0:
         return out, mean
     packed = cu_seqlens is not None
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _masked_mean_pool_fwd_kernel[(B,)](
             hidden,
             None if packed else mask.view(torch.uint8),
@@ -218,7 +213,7 @@ def _backward(dout: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, mean
     block_s, block_d, num_warps = _row_config(D)
     bcast_d = min(block_d, _BCAST_MAX_COLS)
     bcast_t = max(1, _TILE_ELEMENTS // bcast_d)
-    with _device_guard(dout):
+    with device_guard(dout):
         _masked_mean_pool_bwd_rows_kernel[(B,)](
             dout, mean, mask_u8, cu_seqlens, g, S, D,
             NORMALIZE=mean is not None, PACKED=packed, BLOCK_S=_COUNT_BLOCK, BLOCK_D=block_d, num_warps=num_warps,
