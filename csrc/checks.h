@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 
 // fp32 / fp16 / bf16: the storage dtypes every ctxkern kernel supports.
@@ -26,50 +28,25 @@ inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* nam
   TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
 }
 
-// (M, N) with a contiguous last dim and any row stride.
-inline void check_rows(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  check_like(t, x, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), name, " must have shape ",
-              x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dim");
-}
-
-inline void check_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
-  if (!t) return;
-  check_like(*t, x, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, " must have shape (", x.size(1), ",), got ",
-              t->sizes());
-  TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
-}
-
-inline void check_stats(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.is_contiguous(), name,
-              " must be a contiguous (", x.size(0), ",) tensor, got ", t.sizes());
-}
-
-inline void check_layer_norm_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                                      const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias, at::DeviceType device) {
-  TORCH_CHECK(x.device().type() == device, "x must be a ", device, " tensor, got ", x.device());
-  check_float_storage(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (M, N), got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(1) >= 1, "x must have a last dim of at least 1");
-  check_rows(x, x, "x");
-  if (residual) check_rows(*residual, x, "residual");
-  check_vector(weight, x, "weight");
-  check_vector(bias, x, "bias");
-}
-
-inline void check_layer_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x,
-                                      const std::optional<at::Tensor>& residual,
-                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                      const at::Tensor& rstd, at::DeviceType device) {
-  check_layer_norm_fwd_args(x, residual, weight, std::nullopt, device);
-  check_rows(dy, x, "dy");
-  check_stats(mean, x, "mean");
-  check_stats(rstd, x, "rstd");
+// cu_seqlens' values, for a kernel that reads them on the CPU (a malformed one must not index out of bounds):
+// 0 first, non-decreasing, ending at `total` (named total_name), and, when max_name is given, no sequence longer
+// than max_seqlen. Returns the longest sequence. The same wording as ctxkern/ops/_checks.py's check_offsets.
+inline int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, const char* name, int64_t total,
+                                       const char* total_name, int64_t max_seqlen = 0,
+                                       const char* max_name = nullptr) {
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();  // (B + 1,)
+  const int64_t B = cu_seqlens.size(0) - 1;
+  TORCH_CHECK(cu[0] == 0, name, " must start at 0, got ", cu[0]);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cu[b + 1] >= cu[b], name, " must be non-decreasing, got ", name, "[", b, "] = ", cu[b], " > ", name,
+                "[", b + 1, "] = ", cu[b + 1]);
+    longest = std::max<int64_t>(longest, cu[b + 1] - cu[b]);
+  }
+  TORCH_CHECK(cu[B] == total, name, " must end at ", total_name, " ", total, ", got ", cu[B]);
+  TORCH_CHECK(max_name == nullptr || longest <= max_seqlen, max_name, " = ", max_seqlen,
+              " is smaller than a sequence of ", longest, " in ", name);
+  return longest;
 }
 
 }  // namespace ctxkern

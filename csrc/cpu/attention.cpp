@@ -363,24 +363,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
 // ---- varlen (total, H, D) ----
 
-// The CPU reads cu_seqlens directly, so it checks their values too: a malformed one must not index out of
-// bounds. Returns the longest sequence.
-int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
-                                const char* max_name) {
-  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();  // (B + 1,)
-  TORCH_CHECK(cu[0] == 0, name, " must start at 0, got ", cu[0]);
-  int64_t longest = 0;
-  for (int64_t b = 0; b + 1 < cu_seqlens.size(0); ++b) {
-    TORCH_CHECK(cu[b + 1] >= cu[b], name, " must be non-decreasing, got ", cu[b], " then ", cu[b + 1]);
-    longest = std::max<int64_t>(longest, cu[b + 1] - cu[b]);
-  }
-  TORCH_CHECK(cu[cu_seqlens.size(0) - 1] == total, name, " must end at the total length ", total, ", got ",
-              cu[cu_seqlens.size(0) - 1]);
-  TORCH_CHECK(longest <= max_seqlen, max_name, " (", max_seqlen, ") is smaller than a sequence of ", name, " (",
-              longest, ")");
-  return longest;
-}
-
 KeyPlan varlen_plan(const int32_t* cu_k, int64_t batch) {
   KeyPlan plan;
   for (int64_t b = 0; b < batch; ++b) plan.add_sequence(nullptr, cu_k[b + 1] - cu_k[b]);
@@ -415,9 +397,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q,
                                                             int64_t max_seqlen_k, bool causal, double scale) {
   check_attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, at::kCPU);
   const int64_t total_q = q.size(0), heads = q.size(1), d = q.size(2), batch = cu_seqlens_q.size(0) - 1;
-  const int64_t longest_q = check_cu_seqlens_values(cu_seqlens_q, total_q, max_seqlen_q, "cu_seqlens_q",
-                                                    "max_seqlen_q");
-  check_cu_seqlens_values(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
+  // The CPU reads cu_seqlens directly, so it checks their values too: a malformed one must not index out of
+  // bounds.
+  const int64_t longest_q =
+      check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", total_q, "q's length", max_seqlen_q, "max_seqlen_q");
+  check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.size(0), "k's length", max_seqlen_k, "max_seqlen_k");
   at::Tensor out = at::empty({total_q, heads, d}, q.options());
   at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -440,9 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   check_attention_varlen_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   scale, at::kCPU);
   const int64_t heads = q.size(1), d = q.size(2), batch = cu_seqlens_q.size(0) - 1;
-  const int64_t longest_q = check_cu_seqlens_values(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q",
-                                                    "max_seqlen_q");
-  check_cu_seqlens_values(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
+  const int64_t longest_q =
+      check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.size(0), "q's length", max_seqlen_q, "max_seqlen_q");
+  check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.size(0), "k's length", max_seqlen_k, "max_seqlen_k");
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());

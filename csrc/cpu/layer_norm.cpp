@@ -16,7 +16,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../layer_norm_checks.h"
 #include "vec_helpers.h"
 
 namespace ctxkern {
@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, double eps) {
   check_layer_norm_fwd_args(x, residual, weight, bias, at::kCPU);
-  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  check_layer_norm_eps(eps);
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));

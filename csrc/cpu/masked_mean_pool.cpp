@@ -224,18 +224,6 @@ at::Tensor pool_backward(const at::Tensor& dout, const std::optional<at::Tensor>
   return dhidden;
 }
 
-// The kernels trust cu_seqlens to delimit hidden's rows, so its values are checked here (the CPU reads them anyway).
-void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total) {
-  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
-  const int64_t B = cu_seqlens.size(0) - 1;
-  TORCH_CHECK(cu[0] == 0, "cu_seqlens must start at 0, got ", cu[0]);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(cu[b + 1] >= cu[b], "cu_seqlens must be non-decreasing, but cu_seqlens[", b + 1, "] = ", cu[b + 1],
-                " < cu_seqlens[", b, "] = ", cu[b]);
-  }
-  TORCH_CHECK(cu[B] == total, "cu_seqlens must end at hidden's length ", total, ", got ", cu[B]);
-}
-
 Sequences dense_sequences(const at::Tensor& mask, const at::Tensor* hidden) {
   return {reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()), nullptr, mask.size(1),
           hidden ? hidden->stride(0) : 0, hidden ? hidden->stride(1) : 0};
@@ -266,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor> masked_mean_pool_varlen_fwd_cpu(const at::Ten
                                                                    const at::Tensor& cu_seqlens, bool normalize) {
   check_pool_hidden(hidden, 2, at::kCPU);
   check_pool_cu_seqlens(cu_seqlens, hidden);
-  check_cu_seqlens_values(cu_seqlens, hidden.size(0));
+  // The kernels trust cu_seqlens to delimit hidden's rows; the CPU reads them anyway, so it checks them.
+  check_cu_seqlens_values(cu_seqlens, "cu_seqlens", hidden.size(0), "hidden's length");
   return pool_forward(hidden, packed_sequences(cu_seqlens, &hidden), cu_seqlens.size(0) - 1, normalize);
 }
 
@@ -277,7 +266,7 @@ at::Tensor masked_mean_pool_varlen_bwd_cpu(const at::Tensor& dout, const at::Ten
   TORCH_CHECK(cu_seqlens.size(0) == dout.size(0) + 1, "cu_seqlens must have B + 1 = ", dout.size(0) + 1,
               " entries, got ", cu_seqlens.size(0));
   TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
-  check_cu_seqlens_values(cu_seqlens, total);
+  check_cu_seqlens_values(cu_seqlens, "cu_seqlens", total, "total");
   return pool_backward(dout, mean, packed_sequences(cu_seqlens, nullptr), total, {total, dout.size(1)});
 }
 

@@ -20,6 +20,7 @@
 
 #include "../attention_checks.h"
 #include "../checks.h"
+#include "../layer_norm_checks.h"
 #include "../lstm_cell_checks.h"
 #include "../masked_mean_pool_checks.h"
 #include "attention.h"
@@ -80,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, double eps) {
   ctxkern::check_layer_norm_fwd_args(x, residual, weight, bias, at::kCUDA);
+  ctxkern::check_layer_norm_eps(eps);
   check_columns(x);
-  TORCH_CHECK(eps >= 0.0 && eps <= std::numeric_limits<float>::max(), "eps must be finite and >= 0, got ", eps);
   const DType dtype = storage_dtype(x);
   const int64_t x_stride = row_stride(x);
   const int64_t residual_stride = residual.has_value() ? row_stride(*residual) : 0;
