@@ -1,7 +1,8 @@
 """Backend availability and choice, as DESIGN.md's dispatch rules say.
 
 `auto` picks, for a CUDA tensor, cuda if built, else triton if importable, else torch; for a CPU tensor,
-cpu if built, else torch. CTXKERN_BACKEND overrides `auto`. Asking for a backend that cannot run raises
+cpu if built, else torch. CTXKERN_BACKEND overrides `auto`; like TRITON_INTERPRET it is read once, when ctxkern
+is imported (a lookup per call cost more than some ops' kernels). Asking for a backend that cannot run raises
 RuntimeError with the reason.
 """
 from __future__ import annotations
@@ -136,10 +137,25 @@ def check_choice(backend: str, name: str = "backend") -> str:
     return backend
 
 
+# CTXKERN_BACKEND as it was when ctxkern was imported; an invalid value is reported by every resolve("auto").
+ENV_BACKEND = os.environ.get("CTXKERN_BACKEND", "") or "auto"
+# (backend asked for, device type) -> the backend that serves it: the answer depends on nothing else that can
+# change after import, and this lookup is most of what a call of an op at a small shape spends on dispatch.
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend that serves a tensor on `device` when the caller asked for `backend`."""
+    try:
+        return _RESOLVED[backend, device.type]
+    except (KeyError, TypeError):  # TypeError: an unhashable backend, which _resolve reports
+        name = _RESOLVED[backend, device.type] = _resolve(backend, device)  # raises, caching nothing, if bad
+        return name
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     if check_choice(backend) == "auto":
-        backend = check_choice(os.environ.get("CTXKERN_BACKEND", "auto") or "auto", "CTXKERN_BACKEND")
+        backend = check_choice(ENV_BACKEND, "CTXKERN_BACKEND")
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if _STATUS[candidate] == "available" and _runs_on(candidate, device):

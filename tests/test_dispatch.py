@@ -21,18 +21,46 @@ def test_backends_reports_every_backend():
         assert value == "available" or value.startswith("unavailable: "), (name, value)
 
 
-def test_auto_picks_the_compiled_cpu_backend_for_cpu_tensors(monkeypatch):
-    monkeypatch.delenv("CTXKERN_BACKEND", raising=False)
+def test_auto_picks_the_compiled_cpu_backend_for_cpu_tensors():
+    if _dispatch.ENV_BACKEND != "auto":
+        pytest.skip(f"CTXKERN_BACKEND={_dispatch.ENV_BACKEND} is set for this test run")
     assert _dispatch.resolve("auto", torch.device("cpu")) == "cpu"
 
 
-def test_ctxkern_backend_overrides_auto(monkeypatch):
-    monkeypatch.setenv("CTXKERN_BACKEND", "torch")
-    assert _dispatch.resolve("auto", torch.device("cpu")) == "torch"
-    assert _dispatch.resolve("cpu", torch.device("cpu")) == "cpu"  # an explicit choice wins over the variable
-    monkeypatch.setenv("CTXKERN_BACKEND", "gpu")
-    with pytest.raises(ValueError, match="CTXKERN_BACKEND must be one of"):
-        ops.layer_norm(torch.randn(2, 4))
+def test_ctxkern_backend_overrides_auto():
+    """The variable is read when ctxkern is imported (once: a lookup per call was a measurable share of a small
+    op's time), so it is set before the import, in a child process."""
+    proc = _run_python("""
+        import torch
+        from ctxkern import _dispatch, ops
+        print(_dispatch.resolve("auto", torch.device("cpu")), _dispatch.resolve("cpu", torch.device("cpu")))
+    """, CTXKERN_BACKEND="torch")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["torch", "cpu"]  # an explicit choice wins over the variable
+    proc = _run_python("""
+        import torch
+        from ctxkern import ops
+        try:
+            ops.layer_norm(torch.randn(2, 4))
+        except ValueError as err:
+            print(err)
+        print(ops.layer_norm(torch.randn(2, 4), backend="torch").shape)  # only "auto" consults the variable
+    """, CTXKERN_BACKEND="gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("CTXKERN_BACKEND must be one of")
+    assert proc.stdout.splitlines()[1] == "torch.Size([2, 4])"
+
+
+def test_resolve_caches_answers_but_not_errors():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _dispatch.resolve("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _dispatch.resolve("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _dispatch.resolve(["cpu"], torch.device("cpu"))  # unhashable: still the named error
+    with pytest.raises(RuntimeError, match="cannot run on a tensor on meta"):
+        _dispatch.resolve("cpu", torch.device("meta"))
+    assert _dispatch.resolve("torch", torch.device("meta")) == "torch"
 
 
 def test_backend_that_cannot_run_on_the_device_says_so():
@@ -40,9 +68,9 @@ def test_backend_that_cannot_run_on_the_device_says_so():
         _dispatch.resolve("cpu", torch.device("meta"))
 
 
-def _run_python(code: str) -> subprocess.CompletedProcess:
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, **env})
 
 
 BLOCK_IMPORT = """
