@@ -242,6 +242,11 @@ def test_empty_input_gives_empty_output(backend, device, b, sq, sk):
 
 # ----------------------------------------------------------------------------- operators and compile
 
+# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
+# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
+
+
 def _operators(backend):
     if backend == "triton":
         c = torch.ops.ctxkern
@@ -251,12 +256,12 @@ def _operators(backend):
     return c.attention_fwd, c.attention_bwd, c.attention_varlen_fwd, c.attention_varlen_bwd
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_opcheck(backend, device):
     require_backend(backend)
     fwd, bwd, vfwd, vbwd = _operators(backend)
     # One head and few rows: opcheck runs each operator many times, and the interpreter is slow.
-    q, k, v, mask, _causal = make_inputs("padded", torch.float32, "cpu", d=32, heads=1)
+    q, k, v, mask, _causal = make_inputs("padded", torch.float32, device, d=32, heads=1)
     q, k, v = (t[:, :20].requires_grad_() for t in (q, k, v))
     mask = mask[:, :20].contiguous()
     for args in ((q, k, v, mask, False, 0.2), (q, k, v, None, True, 0.2)):
@@ -265,7 +270,7 @@ def test_opcheck(backend):
         torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
                                     lse.detach(), *args[3:]))
     lengths = [7, 0, 13]
-    cu = _cu(lengths, "cpu")
+    cu = _cu(lengths, device)
     qp, kp, vp = (_pack(t, lengths).detach().requires_grad_() for t in (q, k, v))
     vargs = (qp, kp, vp, cu, cu, 13, 13, True, 0.2)
     torch.library.opcheck(vfwd, vargs)
@@ -275,14 +280,14 @@ def test_opcheck(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
     require_backend(backend)
     torch._dynamo.reset()
-    q, k, v, mask, _causal = make_inputs("padded", torch.float32, "cpu", d=32, heads=1)
+    q, k, v, mask, _causal = make_inputs("padded", torch.float32, device, d=32, heads=1)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     lengths = [29, 3, 11]
-    cu = _cu(lengths, "cpu")
+    cu = _cu(lengths, device)
 
     @torch.compile(fullgraph=True)
     def block(q, k, v):
@@ -391,9 +396,9 @@ def test_unsupported_head_dim_on_cuda_names_it():
     ([0, 5, 12], [0, 6, 6, 12], 7, r"cu_seqlens_k must have cu_seqlens_q's length"),
     ([1, 5, 12], [0, 5, 12], 7, r"cu_seqlens_q must start at 0"),
     ([0, 8, 5, 12], [0, 4, 4, 12], 7, r"cu_seqlens_q must be non-decreasing"),
-    ([0, 5, 11], [0, 5, 12], 7, r"cu_seqlens_q must end at the total row count 12"),
-    ([0, 5, 12], [0, 6, 13], 7, r"cu_seqlens_k must end at the total row count 12"),
-    ([0, 5, 12], [0, 5, 12], 6, r"max_seqlen_q = 6 is smaller than a sequence of 7"),
+    ([0, 5, 11], [0, 5, 12], 7, r"cu_seqlens_q must end at q's length 12, got 11"),
+    ([0, 5, 12], [0, 6, 13], 7, r"cu_seqlens_k must end at k's length 12, got 13"),
+    ([0, 5, 12], [0, 5, 12], 6, r"max_seqlen_q = 6 is smaller than a sequence of 7 in cu_seqlens_q"),
     ([[0, 5, 12]], [0, 5, 12], 7, r"cu_seqlens_q must be 1-D"),
 ])
 def test_bad_cu_seqlens_names_the_argument(cu_q, cu_k, max_q, match):

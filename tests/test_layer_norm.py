@@ -184,18 +184,22 @@ def test_cpu_outputs_past_the_cache_size(dtype):
 
 # ----------------------------------------------------------------------------- operators and compile
 
-def _op_pairs():
-    pairs = [("triton", torch.ops.ctxkern.layer_norm_fwd_triton, torch.ops.ctxkern.layer_norm_bwd_triton)]
-    if ctxkern.backends()["cpu"] == "available":
-        pairs.append(("cpu", torch.ops.ctxkern.layer_norm_fwd, torch.ops.ctxkern.layer_norm_bwd))
-    return pairs
+# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
+# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+def _op_pairs(backend):
+    if backend == "triton":
+        return torch.ops.ctxkern.layer_norm_fwd_triton, torch.ops.ctxkern.layer_norm_bwd_triton
+    return torch.ops.ctxkern.layer_norm_fwd, torch.ops.ctxkern.layer_norm_bwd  # cpu and cuda: one operator
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_opcheck(backend, device):
     require_backend(backend)
-    fwd, bwd = {name: (f, b) for name, f, b in _op_pairs()}[backend]
-    x, r, w, b = (t.requires_grad_() for t in make_inputs(5, 37, torch.float32, "cpu", "residual"))
+    fwd, bwd = _op_pairs(backend)
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(5, 37, torch.float32, device, "residual"))
     torch.library.opcheck(fwd, (x, r, w, b, 1e-5))
     torch.library.opcheck(fwd, (x, None, None, None, 1e-5))
     y, mean, rstd = fwd(x, r, w, b, 1e-5)
@@ -205,11 +209,11 @@ def test_opcheck(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
     require_backend(backend)
     torch._dynamo.reset()
-    x, r, w, b = (t.requires_grad_() for t in make_inputs(6, 96, torch.float32, "cpu", "residual"))
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(6, 96, torch.float32, device, "residual"))
 
     @torch.compile(fullgraph=True)
     def block(x, r, w, b):

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import ctxkern
 from conftest import (BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, poison,
                       require_backend)
 from ctxkern import ops
@@ -181,32 +180,36 @@ def test_cpu_dbias_is_deterministic():
 
 # ----------------------------------------------------------------------------- operators and compile
 
-def _op_pairs():
-    pairs = {"triton": (torch.ops.ctxkern.lstm_cell_fwd_triton, torch.ops.ctxkern.lstm_cell_bwd_triton)}
-    if ctxkern.backends()["cpu"] == "available":
-        pairs["cpu"] = (torch.ops.ctxkern.lstm_cell_fwd, torch.ops.ctxkern.lstm_cell_bwd)
-    return pairs
+# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
+# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+def _op_pairs(backend):
+    if backend == "triton":
+        return torch.ops.ctxkern.lstm_cell_fwd_triton, torch.ops.ctxkern.lstm_cell_bwd_triton
+    return torch.ops.ctxkern.lstm_cell_fwd, torch.ops.ctxkern.lstm_cell_bwd  # cpu and cuda: one operator
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_opcheck(backend, device):
     require_backend(backend)
-    fwd, bwd = _op_pairs()[backend]
-    ig, hg, c, bias = (t.requires_grad_() for t in make_inputs(5, 19, torch.float32, "cpu"))
+    fwd, bwd = _op_pairs(backend)
+    ig, hg, c, bias = (t.requires_grad_() for t in make_inputs(5, 19, torch.float32, device))
     torch.library.opcheck(fwd, (ig, hg, c, bias, 0.8))
     torch.library.opcheck(fwd, (ig, hg, c, None, None))
-    dh, dc = torch.randn(5, 19), torch.randn(5, 19)
+    dh, dc = torch.randn(5, 19, device=device), torch.randn(5, 19, device=device)
     detached = [t.detach() for t in (ig, hg, c, bias)]
     torch.library.opcheck(bwd, (dh, dc, *detached, 0.8))
     torch.library.opcheck(bwd, (dh, dc, *detached[:3], None, None))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
     require_backend(backend)
     torch._dynamo.reset()
-    ig, hg, c, bias = (t.requires_grad_() for t in make_inputs(6, 24, torch.float32, "cpu"))
+    ig, hg, c, bias = (t.requires_grad_() for t in make_inputs(6, 24, torch.float32, device))
 
     @torch.compile(fullgraph=True)
     def step(ig, hg, c, bias):

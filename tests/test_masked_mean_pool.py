@@ -132,11 +132,12 @@ def test_normalize_backward_on_the_clamped_branch(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_mask_dtypes_mean_the_same(backend, device):
-    """bool, integer and float masks: nonzero is a token, whatever its value."""
+    """bool, integer (any value >= 0) and float (0 and 1) masks: nonzero is a token. (A float mask with other
+    values is refused: tests/test_checks.py.)"""
     require_backend(backend)
     hidden, mask = make_batch(4, 9, 33, torch.float32, device, seed=3)
     want = ops.masked_mean_pool(hidden, mask, backend=backend)
-    for m in (mask.long(), mask.to(torch.int8), mask.float(), 0.5 * mask.half(), mask.t().contiguous().t()):
+    for m in (mask.long(), 3 * mask.to(torch.int8), mask.float(), mask.half(), mask.t().contiguous().t()):
         torch.testing.assert_close(ops.masked_mean_pool(hidden, m, backend=backend), want, rtol=0, atol=0)
     assert_fp32_close(want, masked_mean_pool_ref(hidden.double(), mask))
 
@@ -235,6 +236,11 @@ def test_matches_sentence_transformers_pooling_and_normalize(backend, device, no
 
 # ----------------------------------------------------------------------------- operators and compile
 
+# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
+# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
+
+
 def _operators(backend):
     ns = torch.ops.ctxkern
     if backend == "triton":
@@ -243,11 +249,11 @@ def _operators(backend):
     return ns.masked_mean_pool_fwd, ns.masked_mean_pool_bwd, ns.masked_mean_pool_varlen_fwd, ns.masked_mean_pool_varlen_bwd
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_opcheck(backend, device):
     require_backend(backend)
     fwd, bwd, vfwd, vbwd = _operators(backend)
-    hidden, mask = make_batch(4, 6, 37, torch.float32, "cpu", seed=7)
+    hidden, mask = make_batch(4, 6, 37, torch.float32, device, seed=7)
     packed, cu = pack(hidden, mask)
     hidden.requires_grad_()
     packed.requires_grad_()
@@ -255,7 +261,7 @@ def test_opcheck(backend):
         torch.library.opcheck(fwd, (hidden, mask, normalize))
         torch.library.opcheck(vfwd, (packed, cu, normalize))
     _out, mean = fwd(hidden, mask, True)
-    dout = torch.randn(4, 37)
+    dout = torch.randn(4, 37, device=device)
     torch.library.opcheck(bwd, (dout, mask, mean.detach()))
     torch.library.opcheck(bwd, (dout, mask, None))
     torch.library.opcheck(vbwd, (dout, cu, mean.detach(), packed.shape[0]))
@@ -263,11 +269,11 @@ def test_opcheck(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
     require_backend(backend)
     torch._dynamo.reset()
-    hidden, mask = make_batch(4, 9, 48, torch.float32, "cpu", seed=8)
+    hidden, mask = make_batch(4, 9, 48, torch.float32, device, seed=8)
     packed, cu = pack(hidden, mask)
     hidden.requires_grad_()
     packed.requires_grad_()

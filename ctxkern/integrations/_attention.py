@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch, ops
 from ctxkern.ops._checks import FLOAT_DTYPES
-from ctxkern.ops.attention import CUDA_HEAD_DIMS, MAX_HEAD_DIM
+from ctxkern.ops.attention import supports_head_dim
 
 ATTN_IMPLEMENTATION = "ctxkern"
 
@@ -59,10 +59,7 @@ def _kernel_takes(query: Tensor, key: Tensor, value: Tensor, backend: str) -> bo
     d = query.shape[-1]
     if d != key.shape[-1]:
         return False
-    name = _dispatch.resolve(backend, query.device)
-    if name == "cuda":
-        return d in CUDA_HEAD_DIMS
-    return name == "torch" or 1 <= d <= MAX_HEAD_DIM
+    return supports_head_dim(d, _dispatch.resolve(backend, query.device))
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):

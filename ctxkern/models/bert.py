@@ -20,6 +20,7 @@ from torch import Tensor
 from ctxkern import _dispatch, nn, ops
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
 from ctxkern.models._linear import ACTIVATIONS, Linear
+from ctxkern.ops._checks import check_cu_seqlens, check_max_seqlen, check_offsets, cu_seqlens_values
 
 
 # ----------------------------------------------------------------------------- config
@@ -170,7 +171,7 @@ class Bert(torch.nn.Module):
         -> last hidden states (T, H)."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (T,) packed tokens, got shape {tuple(input_ids.shape)}")
-        _check_cu_seqlens(cu_seqlens, len(input_ids), max_seqlen, self.config.max_position_embeddings)
+        max_seqlen = _check_cu_seqlens(cu_seqlens, input_ids, max_seqlen, self.config.max_position_embeddings)
         self._check_ids(input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -277,20 +278,17 @@ def _check_device(device) -> Optional[torch.device]:
     return device
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int, max_positions: int) -> None:
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor (B + 1,), got {cu_seqlens.dtype} of shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    offsets = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-    if offsets[0] != 0 or offsets[-1] != total or any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at input_ids' length {total}, "
-                         f"got {offsets if len(offsets) <= 10 else offsets[:5] + ['...'] + offsets[-5:]}")
-    if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen {max_seqlen} is smaller than a sequence of cu_seqlens ({max(lengths)} tokens)")
-    if lengths and max(lengths) > max_positions:
-        raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_position_embeddings "
-                         f"{max_positions}")
+def _check_cu_seqlens(cu_seqlens: Tensor, input_ids: Tensor, max_seqlen, max_positions: int) -> int:
+    """ops' checks of cu_seqlens and max_seqlen (one wording), plus the position table's bound. -> max_seqlen."""
+    check_cu_seqlens(cu_seqlens, "cu_seqlens", input_ids, "input_ids")
+    max_seqlen = check_max_seqlen(max_seqlen, "max_seqlen")
+    values = cu_seqlens_values(cu_seqlens)
+    if values is not None:
+        longest = check_offsets(values[0], "cu_seqlens", len(input_ids), "input_ids' length", max_seqlen)
+        if longest > max_positions:
+            raise ValueError(f"cu_seqlens holds a sequence of {longest} tokens, more than max_position_embeddings "
+                             f"{max_positions}")
+    return max_seqlen
 
 
 def _check_ids(ids: Tensor, name: str, size: int) -> None:

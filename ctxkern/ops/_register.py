@@ -1,34 +1,91 @@
-"""Fake kernels and autograd for an op's operator pairs, one call per op (and per layout).
+"""Fake kernels and autograd for an op's operator pairs, one call per op (and per layout), and the callable
+each public op runs its kernel through.
 
-Every op has a forward and a backward operator per backend: ctxkern::<op>_fwd_triton / <op>_bwd_triton (the
-custom_ops around kernels/<op>.py) always, and ctxkern::<op>_fwd / <op>_bwd (cpu and cuda, dispatched by
-device; schemas in csrc/ops.cpp) when the extension is built. All get the same fake kernels and autograd.
+Every op has a forward and a backward operator per backend: the custom_ops around kernels/<op>.py
+(ctxkern::<op>_fwd_triton / <op>_bwd_triton) always, and the C++ operators (ctxkern::<op>_fwd / <op>_bwd, cpu
+and cuda, dispatched by device; schemas in csrc/ops.cpp) when the extension is built. All get the same fake
+kernels and autograd.
+
+Calling an operator through the dispatcher costs more than some kernels at small shapes, most of it in the
+Python autograd kernel that torch.library.register_autograd installs (it runs even when nothing needs a
+gradient). So in eager mode a C++ operator's kernel is called directly, below autograd, and when a gradient is
+needed through a torch.autograd.Function built from the same setup_context and backward; the operator itself
+serves torch.compile, torch dispatch modes (FakeTensorMode, ...) and functorch transforms, which need it.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ctxkern import _dispatch
 
+_BELOW_AUTOGRAD = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                   "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
-def register_op(op: str, fwd_fake: Callable, bwd_fake: Callable, setup_context: Callable,
-                backward: Callable) -> dict:
-    """Registers fake kernels for both operators of every backend, and the backward operator as the forward
-    one's autograd; backward(bwd_op, ctx, *grads) gets the backend's backward operator first.
-    -> {backend: forward operator}."""
 
-    def register_pair(fwd_name: str, bwd_name: str):
-        bwd_op = getattr(torch.ops.ctxkern, bwd_name)
-        torch.library.register_fake(f"ctxkern::{fwd_name}", fwd_fake)
-        torch.library.register_fake(f"ctxkern::{bwd_name}", bwd_fake)
-        torch.library.register_autograd(f"ctxkern::{fwd_name}", functools.partial(backward, bwd_op),
-                                        setup_context=setup_context)
-        return getattr(torch.ops.ctxkern, fwd_name)
+class Kernel:
+    """A backend's forward operator as the public op calls it: kernel(*operator_args) -> the operator's outputs."""
 
-    fwd = {"triton": register_pair(f"{op}_fwd_triton", f"{op}_bwd_triton")}
+    def __init__(self, fwd: torch._ops.OpOverloadPacket, direct: Optional[Callable] = None,
+                 function: Optional[type[torch.autograd.Function]] = None) -> None:
+        self.op = fwd  # the registered operator (fake, autograd): what tracing and transforms see
+        self._direct = direct
+        self._function = function
+
+    def __call__(self, *args):
+        if (self._direct is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._functorch.peek_interpreter_stack() is not None):
+            return self.op(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self._function.apply(*args)
+        return self._direct(*args)
+
+
+def _eager_function(name: str, direct: Callable, setup_context: Callable, backward: Callable,
+                    bwd_op) -> type[torch.autograd.Function]:
+    """The operator's registered autograd as a plain autograd.Function around the direct kernel call."""
+
+    def forward(*args):
+        return direct(*args)
+
+    def function_backward(ctx, *grads):
+        return backward(bwd_op, ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "setup_context": staticmethod(setup_context),
+                                                   "backward": staticmethod(function_backward)})
+
+
+def _register_pair(fwd_name: str, bwd_name: str, fwd_fake: Callable, bwd_fake: Callable, setup_context: Callable,
+                   backward: Callable, device_keys: tuple[str, ...] = ()) -> dict[str, Kernel]:
+    """Registers the fakes of both operators and the backward one as the forward one's autograd;
+    -> {backend: Kernel} for each of device_keys (the C++ backends) or for "triton"."""
+    namespace, fwd_short = fwd_name.split("::")
+    _ns, bwd_short = bwd_name.split("::")
+    fwd_op = getattr(getattr(torch.ops, namespace), fwd_short)
+    bwd_op = getattr(getattr(torch.ops, namespace), bwd_short)
+    torch.library.register_fake(fwd_name, fwd_fake)
+    torch.library.register_fake(bwd_name, bwd_fake)
+    torch.library.register_autograd(fwd_name, functools.partial(backward, bwd_op), setup_context=setup_context)
+    if not device_keys:
+        return {"triton": Kernel(fwd_op)}
+    kernels = {}
+    for backend in device_keys:
+        direct = functools.partial(fwd_op.default.redispatch, _BELOW_AUTOGRAD[backend])
+        function = _eager_function(f"{fwd_short}_{backend}_eager", direct, setup_context, backward, bwd_op)
+        kernels[backend] = Kernel(fwd_op, direct, function)
+    return kernels
+
+
+def register_op(triton: tuple[str, str], compiled: tuple[str, str], fwd_fake: Callable, bwd_fake: Callable,
+                setup_context: Callable, backward: Callable) -> dict[str, Kernel]:
+    """Registers the fake kernels and autograd of an op's operators: triton = (forward, backward) names of the
+    Triton custom_ops, compiled = those of the C++ operators (registered only when the extension is built).
+    backward(bwd_op, ctx, *grads) gets the backend's backward operator first. -> {backend: Kernel}."""
+    kernels = _register_pair(*triton, fwd_fake, bwd_fake, setup_context, backward)
     if _dispatch.HAS_EXTENSION:
-        fwd["cpu"] = fwd["cuda"] = register_pair(f"{op}_fwd", f"{op}_bwd")
-    return fwd
+        kernels.update(_register_pair(*compiled, fwd_fake, bwd_fake, setup_context, backward,
+                                      device_keys=("cpu", "cuda")))
+    return kernels

@@ -15,13 +15,25 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import check_float_dtype, check_like, check_tensor
+from ctxkern.ops._checks import (check_cu_seqlens, check_float_dtype, check_like, check_mask_values, check_max_seqlen,
+                                 check_offsets, check_tensor, cu_seqlens_values, last_dim_contiguous)
 from ctxkern.ops._register import register_op
 from ctxkern.reference import attention_ref, attention_varlen_ref
 
-# Head dims per backend: the CUDA kernels are instantiated for these; the others take any D up to 128.
+# Head dims per backend: the CUDA kernels are instantiated for these (csrc/attention_checks.h has the same list);
+# the cpu and triton kernels take any D up to 128, the torch reference any D.
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
 MAX_HEAD_DIM = 128
+
+
+def supports_head_dim(d: int, backend: str) -> bool:
+    """Whether the concrete backend ("torch", "cpu", "cuda" or "triton", as _dispatch.resolve names it) runs
+    attention with head dim d. The one statement of the rule: the ops and the integrations ask it."""
+    if backend == "torch":
+        return True
+    if backend == "cuda":
+        return d in CUDA_HEAD_DIMS
+    return 1 <= d <= MAX_HEAD_DIM
 
 
 # ----------------------------------------------------------------------------- triton operators
@@ -78,10 +90,6 @@ def _bwd_fake(dout, q, k, v, out, lse, *_rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _setup_context(ctx, inputs, output):
     """Every input after q, k, v (mask or cu_seqlens, sizes, causal, scale) is passed through to the backward."""
     q, k, v, *rest = inputs
@@ -97,13 +105,17 @@ def _backward(bwd_op, ctx, dout, _dlse):
     rest = list(ctx.rest)
     for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
         rest[slot] = t
-    dq, dk, dv = bwd_op(_last_dim_contiguous(dout), q, k, v, out, lse, *rest)
+    dq, dk, dv = bwd_op(last_dim_contiguous(dout), q, k, v, out, lse, *rest)
     return (dq, dk, dv) + (None,) * len(rest)
 
 
 # backend -> forward operator
-_FWD = register_op("attention", _fwd_fake, _bwd_fake, _setup_context, _backward)
-_VARLEN_FWD = register_op("attention_varlen", _varlen_fwd_fake, _bwd_fake, _setup_context, _backward)
+_FWD = register_op(("ctxkern::attention_fwd_triton", "ctxkern::attention_bwd_triton"),
+                   ("ctxkern::attention_fwd", "ctxkern::attention_bwd"),
+                   _fwd_fake, _bwd_fake, _setup_context, _backward)
+_VARLEN_FWD = register_op(("ctxkern::attention_varlen_fwd_triton", "ctxkern::attention_varlen_bwd_triton"),
+                          ("ctxkern::attention_varlen_fwd", "ctxkern::attention_varlen_bwd"),
+                          _varlen_fwd_fake, _bwd_fake, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -125,12 +137,11 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
 
 
 def _check_head_dim(d: int, backend: str) -> None:
-    if backend == "torch":
+    if supports_head_dim(d, backend):
         return
-    if backend == "cuda" and d not in CUDA_HEAD_DIMS:
+    if backend == "cuda":
         raise ValueError(f"q's head dim must be one of {CUDA_HEAD_DIMS} on the cuda backend, got {d}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim must be between 1 and {MAX_HEAD_DIM} on the {backend} backend, got {d}")
+    raise ValueError(f"q's head dim must be between 1 and {MAX_HEAD_DIM} on the {backend} backend, got {d}")
 
 
 def _check_common(causal, scale, dropout_p, d: int) -> float:
@@ -150,36 +161,15 @@ def _mask_as_bool(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     check_tensor(mask, "key_padding_mask")
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}")
-    if tuple(mask.shape) != (k.shape[0], k.shape[1]):
+    if mask.shape != (k.shape[0], k.shape[1]):
         raise ValueError(f"key_padding_mask must have shape (B, Sk) = {(k.shape[0], k.shape[1])}, "
                          f"got {tuple(mask.shape)}")
-    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-
-
-def _check_cu_seqlens(cu: Tensor, name: str, q: Tensor, max_seqlen: int, max_name: str) -> None:
-    """cu_seqlens' form (its values are checked by _check_offsets)."""
-    check_tensor(cu, name)
-    if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"{name} must be 1-D of length B + 1 >= 1, got shape {tuple(cu.shape)}")
-    if cu.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32 (or int64), got {cu.dtype}")
-    if cu.device != q.device:
-        raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-
-
-def _check_offsets(offsets: list[int], name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    """cu_seqlens' values describe sequences that tile `total` rows, none longer than max_seqlen."""
-    if offsets[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"{name} must be non-decreasing, got {offsets}")
-    if offsets[-1] != total:
-        raise ValueError(f"{name} must end at the total row count {total}, got {offsets[-1]}")
-    if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"{max_name} = {max_seqlen} is smaller than a sequence of {max(lengths)} in {name}")
+    if mask.dtype == torch.bool:
+        return mask if mask.is_contiguous() else mask.contiguous()
+    if mask.dtype.is_complex:
+        raise ValueError(f"key_padding_mask must be bool, integer or float, got {mask.dtype}")
+    check_mask_values(mask, "key_padding_mask")
+    return (mask != 0).contiguous()
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -189,7 +179,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     """softmax(scale * q k^T) v per head, in flash-attn's layout.
 
     q (B, Sq, H, D); k, v (B, Sk, H, D); any strides (views of a fused QKV projection need no copy when the
-    last dim is contiguous). key_padding_mask (B, Sk), nonzero = attend. causal: query i sees keys
+    last dim is contiguous). key_padding_mask (B, Sk), nonzero = attend: bool, integer (>= 0) or float (0 and 1
+    only; an additive 0 / -inf mask raises ValueError: pass `mask == 0`). causal: query i sees keys
     j <= i + Sk - Sq (bottom-right aligned). scale defaults to 1/sqrt(D). A query row that may see no key
     gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. Differentiable in q, k and v.
     dropout_p must be 0.0: dropout is not supported, and a nonzero value raises ValueError rather than
@@ -204,8 +195,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     _check_head_dim(q.shape[-1], name)
     if name == "torch" or q.numel() == 0 or k.numel() == 0:
         return attention_ref(q, k, v, mask, causal, scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _lse = _FWD[name](q, k, v, mask, causal, scale)
+    out, _lse = _FWD[name](last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), mask, causal,
+                           scale)
     return out
 
 
@@ -216,27 +207,33 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     q (total_q, H, D); k, v (total_k, H, D); sequence b holds rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q
     and cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v. cu_seqlens: int32 (B + 1,), starting at 0,
-    non-decreasing, ending at total; max_seqlen_q/k at least every sequence's length. causal is bottom-right
+    non-decreasing, ending at total (checking them reads them: a device sync on a GPU); max_seqlen_q/k, any
+    integral value (int, numpy integer, 0-d integer tensor), at least every sequence's length. causal is bottom-right
     aligned per sequence. -> (total_q, H, D). dropout_p and backend as in `attention`.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)")
     scale = _check_common(causal, scale, dropout_p, q.shape[-1])
-    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, max_seqlen_q, "max_seqlen_q")
-    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, max_seqlen_k, "max_seqlen_k")
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q")
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, "q")
+    max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     n = cu_seqlens_q.shape[0]
     if cu_seqlens_k.shape[0] != n:
         raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {n} (B + 1), got {cu_seqlens_k.shape[0]}")
-    # One read of both offset tensors (one device sync on a GPU); skipped while torch.compile traces, where
-    # the values are not known yet.
-    if not torch.compiler.is_compiling():
-        offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
-        _check_offsets(offsets[:n], "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
-        _check_offsets(offsets[n:], "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
-    cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
+    # One read of both offset tensors (one device sync on a GPU for the two); None while torch.compile traces.
+    values = cu_seqlens_values(cu_seqlens_q, cu_seqlens_k)
+    if values is not None:
+        check_offsets(values[0], "cu_seqlens_q", q.shape[0], "q's length", max_seqlen_q, "max_seqlen_q")
+        check_offsets(values[1], "cu_seqlens_k", k.shape[0], "k's length", max_seqlen_k, "max_seqlen_k")
+    cu_q = cu_seqlens_q if cu_seqlens_q.dtype == torch.int32 else cu_seqlens_q.to(torch.int32)
+    cu_k = cu_seqlens_k if cu_seqlens_k.dtype == torch.int32 else cu_seqlens_k.to(torch.int32)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     backend_name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], backend_name)
     if backend_name == "torch" or q.numel() == 0 or k.numel() == 0:
+        if q.is_meta:  # the reference reads the offsets, which meta tensors lack: the operator's fake serves
+            return _VARLEN_FWD["triton"].op(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
         return attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _lse = _VARLEN_FWD[backend_name](q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    out, _lse = _VARLEN_FWD[backend_name](last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+                                          cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)
     return out

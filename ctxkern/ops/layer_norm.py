@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import as_rows, check_float_dtype, check_like, check_shape, check_tensor
+from ctxkern.ops._checks import (as_rows, check_float_dtype, check_like, check_shape, check_tensor,
+                                 last_dim_contiguous)
 from ctxkern.ops._register import register_op
 from ctxkern.reference import layer_norm_ref
 
@@ -55,14 +56,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(bwd_op, ctx, dy, _dmean, _drstd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = bwd_op(as_rows(dy, dy.shape[-1]), x, residual, weight, mean, rstd, ctx.has_bias)
+    dx, dweight, dbias = bwd_op(last_dim_contiguous(dy), x, residual, weight, mean, rstd, ctx.has_bias)
     # y depends on x and residual only through their sum, so both get the same gradient.
     return (dx, dx if residual is not None else None, dweight if weight is not None else None,
             dbias if ctx.has_bias else None, None)
 
 
 # backend -> forward operator
-_FWD = register_op("layer_norm", _fwd_fake, _bwd_fake, _setup_context, _backward)
+_FWD = register_op(("ctxkern::layer_norm_fwd_triton", "ctxkern::layer_norm_bwd_triton"),
+                   ("ctxkern::layer_norm_fwd", "ctxkern::layer_norm_bwd"),
+                   _fwd_fake, _bwd_fake, _setup_context, _backward)
 
 
 def _check(x, weight, bias, residual) -> None:
@@ -71,13 +74,15 @@ def _check(x, weight, bias, residual) -> None:
         raise ValueError("x must have at least one dimension (the normalized last dim); got a 0-d tensor")
     check_float_dtype(x, "x")
     n = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_like(t, x, name)
-            check_shape(t, (n,), name)
+    if weight is not None:
+        check_like(weight, x, "weight")
+        check_shape(weight, (n,), "weight")
+    if bias is not None:
+        check_like(bias, x, "bias")
+        check_shape(bias, (n,), "bias")
     if residual is not None:
         check_like(residual, x, "residual")
-        check_shape(residual, tuple(x.shape), "residual")
+        check_shape(residual, x.shape, "residual")
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5, *,
@@ -92,12 +97,11 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     name = _dispatch.resolve(backend, x.device)
     if name == "torch" or x.numel() == 0:
         return layer_norm_ref(x, weight, bias, eps, residual)
-    n = x.shape[-1]
     y, _mean, _rstd = _FWD[name](
-        as_rows(x, n),
-        None if residual is None else as_rows(residual, n),
+        as_rows(x),
+        None if residual is None else as_rows(residual),
         None if weight is None else weight.contiguous(),
         None if bias is None else bias.contiguous(),
         float(eps),
     )
-    return y.view(x.shape)
+    return y if x.dim() == 2 else y.view(x.shape)

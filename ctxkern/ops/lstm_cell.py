@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import check_float_dtype, check_like, check_shape, check_tensor
+from ctxkern.ops._checks import check_float_dtype, check_like, check_shape, check_tensor, last_dim_contiguous
 from ctxkern.ops._register import register_op
 from ctxkern.reference import lstm_cell_ref
 
@@ -47,11 +47,6 @@ def _lstm_cell_bwd_triton(dh: Tensor, dc_new: Tensor, input_gates: Tensor, hidde
     return lstm_cell_bwd_triton(dh, dc_new, input_gates, hidden_gates, c, bias, cell_clip)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """A 2-D operand with a contiguous last dim (the kernels take any row stride)."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _setup_context(ctx, inputs, output):
     input_gates, hidden_gates, c, bias, cell_clip = inputs
     ctx.save_for_backward(input_gates, hidden_gates, c, bias)
@@ -63,13 +58,16 @@ def _backward(bwd_op, ctx, dh, dc_new):
     # An output that took no part in the loss may come back as None.
     dh = torch.zeros_like(c) if dh is None else dh
     dc_new = torch.zeros_like(c) if dc_new is None else dc_new
-    dgates, dc, dbias = bwd_op(_rows(dh), _rows(dc_new), input_gates, hidden_gates, c, bias, ctx.cell_clip)
+    dgates, dc, dbias = bwd_op(last_dim_contiguous(dh), last_dim_contiguous(dc_new), input_gates, hidden_gates, c,
+                               bias, ctx.cell_clip)
     # The gates are input_gates + hidden_gates + bias: both gate inputs get the same gradient.
     return dgates, dgates, dc, dbias if bias is not None else None, None
 
 
 # backend -> forward operator
-_FWD = register_op("lstm_cell", _fwd_fake, _bwd_fake, _setup_context, _backward)
+_FWD = register_op(("ctxkern::lstm_cell_fwd_triton", "ctxkern::lstm_cell_bwd_triton"),
+                   ("ctxkern::lstm_cell_fwd", "ctxkern::lstm_cell_bwd"),
+                   _fwd_fake, _bwd_fake, _setup_context, _backward)
 if _dispatch.HAS_EXTENSION:
     @torch.library.register_fake("ctxkern::lstm_layer_fwd")
     def _lstm_layer_fwd_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse):
@@ -109,5 +107,5 @@ def lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor, bias: Option
     clip = None if cell_clip is None or math.isinf(cell_clip) else float(cell_clip)
     if name == "torch" or c.numel() == 0:
         return lstm_cell_ref(input_gates, hidden_gates, c, bias, clip)
-    return _FWD[name](_rows(input_gates), _rows(hidden_gates), _rows(c),
+    return _FWD[name](last_dim_contiguous(input_gates), last_dim_contiguous(hidden_gates), last_dim_contiguous(c),
                       None if bias is None else bias.contiguous(), clip)

@@ -14,12 +14,10 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import check_float_dtype, check_tensor
+from ctxkern.ops._checks import (INT32_MAX, check_cu_seqlens, check_float_dtype, check_mask_values, check_offsets,
+                                 check_tensor, cu_seqlens_values, last_dim_contiguous)
 from ctxkern.ops._register import register_op
 from ctxkern.reference import masked_mean_pool_ref, masked_mean_pool_varlen_ref
-
-_INT32_MAX = 2**31 - 1
-
 
 def _fwd_fake(hidden: Tensor, index: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
     """index is the mask (B, S) or cu_seqlens (B + 1,): either way B is its first size (less one when packed)."""
@@ -82,13 +80,13 @@ def _varlen_backward(bwd_op, ctx, dout, _dmean):
 
 
 # backend -> forward operator, dense and packed
-_FWD = register_op("masked_mean_pool", _fwd_fake, _bwd_fake, _setup_context, _backward)
-_VARLEN_FWD = register_op("masked_mean_pool_varlen", _fwd_fake, _varlen_bwd_fake, _setup_context, _varlen_backward)
-
-
-def _rows(hidden: Tensor) -> Tensor:
-    """hidden with a contiguous last dim (the kernels' only layout requirement); a copy only when needed."""
-    return hidden if hidden.shape[-1] <= 1 or hidden.stride(-1) == 1 else hidden.contiguous()
+_FWD = register_op(("ctxkern::masked_mean_pool_fwd_triton", "ctxkern::masked_mean_pool_bwd_triton"),
+                   ("ctxkern::masked_mean_pool_fwd", "ctxkern::masked_mean_pool_bwd"),
+                   _fwd_fake, _bwd_fake, _setup_context, _backward)
+_VARLEN_FWD = register_op(("ctxkern::masked_mean_pool_varlen_fwd_triton",
+                           "ctxkern::masked_mean_pool_varlen_bwd_triton"),
+                          ("ctxkern::masked_mean_pool_varlen_fwd", "ctxkern::masked_mean_pool_varlen_bwd"),
+                          _fwd_fake, _varlen_bwd_fake, _setup_context, _varlen_backward)
 
 
 def _check_hidden(hidden: Tensor, dims: int, layout: str) -> None:
@@ -101,49 +99,38 @@ def _check_hidden(hidden: Tensor, dims: int, layout: str) -> None:
 def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, backend: str = "auto") -> Tensor:
     """Mean of hidden (B, S, D) over the tokens where mask (B, S) is nonzero -> (B, D) in hidden's dtype.
 
-    mask may be bool, integer or float (Hugging Face's attention_mask as is); nonzero = token. Accumulates in
-    fp32; a row with no token gives zeros. normalize=True returns x / max(||x||2, 1e-12) of the fp32 mean.
+    mask may be bool, integer (>= 0) or float (0 and 1: Hugging Face's attention_mask as is); nonzero = token.
+    A float mask with other values (an additive 0 / -inf mask) raises ValueError. Accumulates in fp32; a row
+    with no token gives zeros. normalize=True returns x / max(||x||2, 1e-12) of the fp32 mean.
     Differentiable in hidden. backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
     _check_hidden(hidden, 3, "(B, S, D)")
     check_tensor(mask, "mask")
-    if tuple(mask.shape) != tuple(hidden.shape[:2]):
+    if mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask must have shape (B, S) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
     if mask.device != hidden.device:
         raise ValueError(f"mask must be on hidden's device {hidden.device}, got {mask.device}")
     if mask.dtype.is_complex:
         raise ValueError(f"mask must be bool, integer or float, got {mask.dtype}")
+    check_mask_values(mask, "mask")
     name = _dispatch.resolve(backend, hidden.device)
     if name == "torch" or hidden.numel() == 0:
         return masked_mean_pool_ref(hidden, mask, normalize)
     keep = mask if mask.dtype == torch.bool and mask.is_contiguous() else (mask != 0).contiguous()
-    out, _mean = _FWD[name](_rows(hidden), keep, bool(normalize))
+    out, _mean = _FWD[name](last_dim_contiguous(hidden), keep, bool(normalize))
     return out
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, hidden: Tensor) -> None:
-    check_tensor(cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D (B + 1,), got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != hidden.device:
-        raise ValueError(f"cu_seqlens must be on hidden's device {hidden.device}, got {cu_seqlens.device}")
+    check_cu_seqlens(cu_seqlens, "cu_seqlens", hidden, "hidden")
     total = hidden.shape[0]
-    if total > _INT32_MAX:
-        raise ValueError(f"hidden has {total} tokens; cu_seqlens is int32 in the kernels, so at most {_INT32_MAX}")
-    if torch.compiler.is_compiling():
-        # Reading the values would break the graph; the CPU kernel checks them itself.
-        return
+    if total > INT32_MAX:
+        raise ValueError(f"hidden has {total} tokens; cu_seqlens is int32 in the kernels, so at most {INT32_MAX}")
     # One read of the values (a device sync on a GPU): the kernels trust cu_seqlens to delimit hidden's rows.
-    first, decreasing, last = torch.stack([cu_seqlens[0] != 0, (cu_seqlens.diff() < 0).any(),
-                                           cu_seqlens[-1] != total]).tolist()
-    if first:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
-    if decreasing:
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if last:
-        raise ValueError(f"cu_seqlens must end at hidden's length {total}, got {int(cu_seqlens[-1])}")
+    # None while torch.compile traces, when the values are not known yet (the CPU kernel checks them itself).
+    values = cu_seqlens_values(cu_seqlens)
+    if values is not None:
+        check_offsets(values[0], "cu_seqlens", total, "hidden's length")
 
 
 def masked_mean_pool_varlen(hidden: Tensor, cu_seqlens: Tensor, *, normalize: bool = False,
@@ -157,6 +144,9 @@ def masked_mean_pool_varlen(hidden: Tensor, cu_seqlens: Tensor, *, normalize: bo
     _check_cu_seqlens(cu_seqlens, hidden)
     name = _dispatch.resolve(backend, hidden.device)
     if name == "torch" or hidden.numel() == 0:
+        if hidden.is_meta:  # the reference reads the offsets, which meta tensors lack: the operator's fake serves
+            return _VARLEN_FWD["triton"].op(hidden, cu_seqlens.to(torch.int32), bool(normalize))[0]
         return masked_mean_pool_varlen_ref(hidden, cu_seqlens, normalize)
-    out, _mean = _VARLEN_FWD[name](_rows(hidden), cu_seqlens.to(torch.int32).contiguous(), bool(normalize))
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    out, _mean = _VARLEN_FWD[name](last_dim_contiguous(hidden), cu.contiguous(), bool(normalize))
     return out
