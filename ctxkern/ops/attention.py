@@ -128,12 +128,13 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
     check_float_dtype(q, "q")
     check_like(k, q, "k", "q")
     check_like(v, q, "v", "q")
-    if k.shape != v.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[-2] != q.shape[-2]:
-        raise ValueError(f"k must have q's head count {q.shape[-2]}, got {k.shape[-2]} (dim -2 of {layout})")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k and v must have q's head dim {q.shape[-1]}, got {k.shape[-1]}")
+    q_shape, k_shape = q.shape, k.shape  # each .shape builds a torch.Size: read once
+    if k_shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k_shape)}, got {tuple(v.shape)}")
+    if k_shape[-2] != q_shape[-2]:
+        raise ValueError(f"k must have q's head count {q_shape[-2]}, got {k_shape[-2]} (dim -2 of {layout})")
+    if k_shape[-1] != q_shape[-1]:
+        raise ValueError(f"k and v must have q's head dim {q_shape[-1]}, got {k_shape[-1]}")
 
 
 def _check_head_dim(d: int, backend: str) -> None:
