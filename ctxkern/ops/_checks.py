@@ -51,23 +51,31 @@ def as_rows(t: Tensor) -> Tensor:
     return last_dim_contiguous(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]))
 
 
-def check_mask_values(mask: Tensor, name: str) -> None:
-    """A float or integer mask must hold 0 / 1 (nonzero = token): a float mask of 0 and -inf (or the dtype's
-    most negative value) is an additive mask, as Hugging Face builds them, and reading it as "nonzero = keep"
-    would invert it. Integer masks may hold any value >= 0 (a count is still "nonzero = keep"), never a
-    negative one. Bool masks need no check. Reads the mask (a device sync on a GPU), except while compiling."""
-    if mask.dtype == torch.bool or torch.compiler.is_compiling() or mask.numel() == 0 or mask.is_meta:
-        return
-    if mask.is_floating_point():
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError(
-                f"{name} must hold 0 (padding) and 1 (token) when it is a float tensor, got values other than 0 "
-                f"and 1 (e.g. {_first_bad(mask, (mask != 0) & (mask != 1))}). An additive mask (0 = keep, "
-                f"-inf or the dtype's minimum = masked, as Hugging Face builds them) must be converted first: "
-                f"pass `{name} == 0`.")
-    elif bool((mask < 0).any()):
-        raise ValueError(f"{name} must be >= 0 (nonzero = token) when it is an integer tensor, got "
-                         f"{_first_bad(mask, mask < 0)}")
+def keep_mask(mask: Tensor, name: str) -> Tensor:
+    """mask as the kernels take it: a contiguous bool tensor, True = token (nonzero).
+
+    A float mask must hold 0 / 1: a float mask of 0 and -inf (or the dtype's most negative value) is an additive
+    mask, as Hugging Face builds them, and reading it as "nonzero = keep" would invert it. An integer mask may
+    hold any value >= 0 (a count is still "nonzero = keep"), never a negative one. A bool mask is not read; the
+    others are, once (a device sync on a GPU), except while compiling and on meta tensors, which have no values.
+    """
+    if mask.dtype == torch.bool:
+        return mask if mask.is_contiguous() else mask.contiguous()
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name} must be bool, integer or float, got {mask.dtype}")
+    keep = mask != 0
+    if not (torch.compiler.is_compiling() or mask.is_meta or mask.numel() == 0):
+        if mask.is_floating_point():
+            if not torch.equal(mask, keep.to(mask.dtype)):  # one comparison: 0 and 1 are exactly keep's values
+                raise ValueError(
+                    f"{name} must hold 0 (padding) and 1 (token) when it is a float tensor, got values other than "
+                    f"0 and 1 (e.g. {_first_bad(mask, (mask != 0) & (mask != 1))}). An additive mask (0 = keep, "
+                    f"-inf or the dtype's minimum = masked, as Hugging Face builds them) must be converted first: "
+                    f"pass `{name} == 0`.")
+        elif int(mask.min()) < 0:
+            raise ValueError(f"{name} must be >= 0 (nonzero = token) when it is an integer tensor, got "
+                             f"{_first_bad(mask, mask < 0)}")
+    return keep.contiguous()
 
 
 def _first_bad(t: Tensor, bad: Tensor) -> str:

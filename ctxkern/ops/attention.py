@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import (check_cu_seqlens, check_float_dtype, check_like, check_mask_values, check_max_seqlen,
-                                 check_offsets, check_tensor, cu_seqlens_values, last_dim_contiguous)
+from ctxkern.ops._checks import (check_cu_seqlens, check_float_dtype, check_like, check_max_seqlen, check_offsets,
+                                 check_tensor, cu_seqlens_values, keep_mask, last_dim_contiguous)
 from ctxkern.ops._register import register_op
 from ctxkern.reference import attention_ref, attention_varlen_ref
 
@@ -165,12 +165,7 @@ def _mask_as_bool(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     if mask.shape != (k.shape[0], k.shape[1]):
         raise ValueError(f"key_padding_mask must have shape (B, Sk) = {(k.shape[0], k.shape[1])}, "
                          f"got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask if mask.is_contiguous() else mask.contiguous()
-    if mask.dtype.is_complex:
-        raise ValueError(f"key_padding_mask must be bool, integer or float, got {mask.dtype}")
-    check_mask_values(mask, "key_padding_mask")
-    return (mask != 0).contiguous()
+    return keep_mask(mask, "key_padding_mask")
 
 
 # ----------------------------------------------------------------------------- public ops

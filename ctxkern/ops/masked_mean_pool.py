@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
-from ctxkern.ops._checks import (INT32_MAX, check_cu_seqlens, check_float_dtype, check_mask_values, check_offsets,
-                                 check_tensor, cu_seqlens_values, last_dim_contiguous)
+from ctxkern.ops._checks import (INT32_MAX, check_cu_seqlens, check_float_dtype, check_offsets, check_tensor,
+                                 cu_seqlens_values, keep_mask, last_dim_contiguous)
 from ctxkern.ops._register import register_op
 from ctxkern.reference import masked_mean_pool_ref, masked_mean_pool_varlen_ref
 
@@ -110,13 +110,10 @@ def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, b
         raise ValueError(f"mask must have shape (B, S) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
     if mask.device != hidden.device:
         raise ValueError(f"mask must be on hidden's device {hidden.device}, got {mask.device}")
-    if mask.dtype.is_complex:
-        raise ValueError(f"mask must be bool, integer or float, got {mask.dtype}")
-    check_mask_values(mask, "mask")
+    keep = keep_mask(mask, "mask")
     name = _dispatch.resolve(backend, hidden.device)
     if name == "torch" or hidden.numel() == 0:
-        return masked_mean_pool_ref(hidden, mask, normalize)
-    keep = mask if mask.dtype == torch.bool and mask.is_contiguous() else (mask != 0).contiguous()
+        return masked_mean_pool_ref(hidden, keep, normalize)
     out, _mean = _FWD[name](last_dim_contiguous(hidden), keep, bool(normalize))
     return out
 
