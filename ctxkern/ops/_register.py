@@ -29,33 +29,39 @@ class Kernel:
     """A backend's forward operator as the public op calls it: kernel(*operator_args) -> the operator's outputs."""
 
     def __init__(self, fwd: torch._ops.OpOverloadPacket, direct: Optional[Callable] = None,
-                 function: Optional[type[torch.autograd.Function]] = None) -> None:
+                 with_grad: Optional[Callable] = None) -> None:
         self.op = fwd  # the registered operator (fake, autograd): what tracing and transforms see
         self._direct = direct
-        self._function = function
+        self._with_grad = with_grad
 
     def __call__(self, *args):
         if (self._direct is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or torch._C._functorch.peek_interpreter_stack() is not None):
             return self.op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return self._function.apply(*args)
+            return self._with_grad(*args)
         return self._direct(*args)
 
 
 def _eager_function(name: str, direct: Callable, setup_context: Callable, backward: Callable,
-                    bwd_op) -> type[torch.autograd.Function]:
-    """The operator's registered autograd as a plain autograd.Function around the direct kernel call."""
+                    bwd_op) -> Callable:
+    """The operator's registered autograd as a plain autograd.Function around the direct kernel call; returns
+    its apply. The Function has the classic forward(ctx, ...) form, which calls setup_context itself: defining
+    setup_context instead makes every Function.apply bind the arguments with inspect.signature (~10 us). And
+    apply is _FunctionBase's own, without Function.apply's functorch handling: Kernel sends functorch
+    transforms to the registered operator."""
 
-    def forward(*args):
-        return direct(*args)
+    def forward(ctx, *args):
+        output = direct(*args)
+        setup_context(ctx, args, output)
+        return output
 
     def function_backward(ctx, *grads):
         return backward(bwd_op, ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "setup_context": staticmethod(setup_context),
-                                                   "backward": staticmethod(function_backward)})
+    cls = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                  "backward": staticmethod(function_backward)})
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
 
 
 def _register_pair(fwd_name: str, bwd_name: str, fwd_fake: Callable, bwd_fake: Callable, setup_context: Callable,
@@ -74,8 +80,8 @@ def _register_pair(fwd_name: str, bwd_name: str, fwd_fake: Callable, bwd_fake: C
     kernels = {}
     for backend in device_keys:
         direct = functools.partial(fwd_op.default.redispatch, _BELOW_AUTOGRAD[backend])
-        function = _eager_function(f"{fwd_short}_{backend}_eager", direct, setup_context, backward, bwd_op)
-        kernels[backend] = Kernel(fwd_op, direct, function)
+        with_grad = _eager_function(f"{fwd_short}_{backend}_eager", direct, setup_context, backward, bwd_op)
+        kernels[backend] = Kernel(fwd_op, direct, with_grad)
     return kernels
 
 
