@@ -186,6 +186,14 @@ def test_torch_dispatch_modes_see_the_operator():
     assert "ctxkern.layer_norm_fwd.default" in log.ops
 
 
+def test_the_profiler_records_the_operator():
+    require_backend("cpu")
+    x = torch.randn(4, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.layer_norm(x)
+    assert "ctxkern::layer_norm_fwd" in {event.name for event in prof.events()}
+
+
 def test_fake_tensor_mode_runs_the_fakes():
     require_backend("cpu")
     from torch._subclasses.fake_tensor import FakeTensorMode

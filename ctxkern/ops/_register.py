@@ -10,7 +10,8 @@ Calling an operator through the dispatcher costs more than some kernels at small
 Python autograd kernel that torch.library.register_autograd installs (it runs even when nothing needs a
 gradient). So in eager mode a C++ operator's kernel is called directly, below autograd, and when a gradient is
 needed through a torch.autograd.Function built from the same setup_context and backward; the operator itself
-serves torch.compile, torch dispatch modes (FakeTensorMode, ...) and functorch transforms, which need it.
+serves torch.compile, torch dispatch modes (FakeTensorMode, ...), functorch transforms, torch.jit.trace and the
+profiler, which need it.
 """
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ class Kernel:
         self._with_grad = with_grad
 
     def __call__(self, *args):
+        # What sees ops at the dispatcher (compile, dispatch modes, functorch, torch.jit.trace, the profiler's
+        # op records) gets the operator; plain eager calls skip the dispatcher.
         if (self._direct is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._functorch.peek_interpreter_stack() is not None):
+                or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state()
+                or torch._C._autograd._profiler_enabled()):
             return self.op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self._with_grad(*args)
