@@ -47,8 +47,8 @@ class Kernel:
         return self._direct(*args)
 
 
-def _eager_function(name: str, direct: Callable, setup_context: Callable, backward: Callable,
-                    bwd_op) -> Callable:
+def _eager_function(name: str, direct: Callable, setup_context: Callable, backward: Callable, bwd_op,
+                    bwd_direct: Callable) -> Callable:
     """The operator's registered autograd as a plain autograd.Function around the direct kernel call; returns
     its apply. The Function has the classic forward(ctx, ...) form, which calls setup_context itself: defining
     setup_context instead makes every Function.apply bind the arguments with inspect.signature (~10 us). And
@@ -61,7 +61,8 @@ def _eager_function(name: str, direct: Callable, setup_context: Callable, backwa
         return output
 
     def function_backward(ctx, *grads):
-        return backward(bwd_op, ctx, *grads)
+        # A first-order backward runs with grad mode off and needs no graph of its own: the kernel directly.
+        return backward(bwd_op if torch.is_grad_enabled() else bwd_direct, ctx, *grads)
 
     cls = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                   "backward": staticmethod(function_backward)})
@@ -84,7 +85,9 @@ def _register_pair(fwd_name: str, bwd_name: str, fwd_fake: Callable, bwd_fake: C
     kernels = {}
     for backend in device_keys:
         direct = functools.partial(fwd_op.default.redispatch, _BELOW_AUTOGRAD[backend])
-        with_grad = _eager_function(f"{fwd_short}_{backend}_eager", direct, setup_context, backward, bwd_op)
+        bwd_direct = functools.partial(bwd_op.default.redispatch, _BELOW_AUTOGRAD[backend])
+        with_grad = _eager_function(f"{fwd_short}_{backend}_eager", direct, setup_context, backward, bwd_op,
+                                    bwd_direct)
         kernels[backend] = Kernel(fwd_op, direct, with_grad)
     return kernels
 
