@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from ctxkern import _dispatch
-from ctxkern.ops import lstm_cell
+from ctxkern.ops import _autograd_modes, lstm_cell
 
 
 def _check_clip(value: Optional[float], name: str) -> Optional[float]:
@@ -153,6 +153,9 @@ class LSTM(torch.nn.LSTM):
         """Whether the time loop can run as the CPU operator lstm_layer_fwd: it has no autograd, so only when
         nothing needs a gradient; it saves the Python overhead of each step, which on a CPU rivals the step."""
         if _dispatch.resolve(self.backend, tensors[0].device) != "cpu":
+            return False
+        if _autograd_modes.reference_needed(tensors[0].dtype):
+            # float64, forward-mode AD or a torch.func transform: the cell's reference serves, step by step.
             return False
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
+from ctxkern.ops import _autograd_modes
 from ctxkern.ops._checks import check_float_dtype, check_like, check_tensor
 from ctxkern.ops._register import register_op
 from ctxkern.reference import attention_ref, attention_varlen_ref
@@ -97,8 +98,17 @@ def _backward(bwd_op, ctx, dout, _dlse):
     rest = list(ctx.rest)
     for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
         rest[slot] = t
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward kernel is not differentiable, the reference's backward is.
+        reference = attention_ref if len(rest) == 3 else _varlen_reference
+        return _autograd_modes.reference_vjp(reference, (q, k, v, *rest), (dout,))
     dq, dk, dv = bwd_op(_last_dim_contiguous(dout), q, k, v, out, lse, *rest)
     return (dq, dk, dv) + (None,) * len(rest)
+
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen_q, _max_seqlen_k, causal, scale):
+    """attention_varlen_ref with the varlen operator's arguments."""
+    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
 
 
 # backend -> forward operator
@@ -113,7 +123,7 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
         check_tensor(t, name)
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
-    check_float_dtype(q, "q")
+    check_float_dtype(q, "q", _autograd_modes.ACCEPTED_DTYPES)
     check_like(k, q, "k", "q")
     check_like(v, q, "v", "q")
     if k.shape != v.shape:
@@ -191,7 +201,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     q (B, Sq, H, D); k, v (B, Sk, H, D); any strides (views of a fused QKV projection need no copy when the
     last dim is contiguous). key_padding_mask (B, Sk), nonzero = attend. causal: query i sees keys
     j <= i + Sk - Sq (bottom-right aligned). scale defaults to 1/sqrt(D). A query row that may see no key
-    gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. Differentiable in q, k and v.
+    gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. q, k, v: float32, float16,
+    bfloat16 (the kernels) or float64 (the reference, on every backend). Differentiable in q, k and v, in
+    every autograd mode: double backward, forward-mode AD and torch.func transforms run the reference
+    (ctxkern/ops/_autograd_modes.py).
     dropout_p must be 0.0: dropout is not supported, and a nonzero value raises ValueError rather than
     being ignored. backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
@@ -202,7 +215,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     mask = None if key_padding_mask is None else _mask_as_bool(key_padding_mask, q, k)
     name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], name)
-    if name == "torch" or q.numel() == 0 or k.numel() == 0:
+    if name == "torch" or q.numel() == 0 or k.numel() == 0 or _autograd_modes.reference_needed(q.dtype):
         return attention_ref(q, k, v, mask, causal, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, _lse = _FWD[name](q, k, v, mask, causal, scale)
@@ -235,7 +248,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
     backend_name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], backend_name)
-    if backend_name == "torch" or q.numel() == 0 or k.numel() == 0:
+    if (backend_name == "torch" or q.numel() == 0 or k.numel() == 0
+            or _autograd_modes.reference_needed(q.dtype)):
         return attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, _lse = _VARLEN_FWD[backend_name](q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)
