@@ -36,6 +36,8 @@ class LSTM(torch.nn.LSTM):
     Keyword-only extras: cell_clip clamps the memory cell to +-cell_clip before its tanh, proj_clip clamps the
     projected output (it needs proj_size > 0), as AllenNLP's LSTM with projection; backend picks the cell's
     ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded tensor or a PackedSequence.
+    Input and parameters share a dtype, as torch.nn.LSTM requires: float32, float16, bfloat16 (the kernels) or
+    float64 (the cell's reference).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
