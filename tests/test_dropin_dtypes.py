@@ -31,24 +31,27 @@ def _assert_close(out, ref64, torch_out):
 
 
 def _layer_norms(x_dtype, p_dtype, backend, device):
+    """(ours on device, torch's and torch's float64 on the CPU, x on the CPU): torch's CPU semantics, the mixed
+    precision included, are the ones followed on every device."""
     ours = ctxkern.nn.LayerNorm(40, backend=backend, device=device, dtype=p_dtype)
     with torch.no_grad():
         ours.weight.copy_(torch.randn(40) * 0.5 + 1)
         ours.bias.copy_(torch.randn(40) * 0.5)
-    theirs = torch.nn.LayerNorm(40, device=device, dtype=p_dtype)
+    theirs = torch.nn.LayerNorm(40, dtype=p_dtype)
     theirs.load_state_dict(ours.state_dict())
-    ref64 = torch.nn.LayerNorm(40, device=device, dtype=torch.float64)
+    ref64 = torch.nn.LayerNorm(40, dtype=torch.float64)
     ref64.load_state_dict(ours.state_dict())
-    x = (torch.randn(4, 3, 40) * 2 + 1).to(device=device, dtype=x_dtype)
-    return ours, theirs, ref64, x
+    return ours, theirs, ref64, (torch.randn(4, 3, 40) * 2 + 1).to(x_dtype)
 
 
 def _run(module, x, dy):
-    x = x.detach().requires_grad_()
+    """[y, dx, dweight, dbias] on the CPU."""
+    device = module.weight.device
+    x = x.detach().to(device).requires_grad_()
     module.zero_grad()
     y = module(x)
-    y.backward(dy.to(y.dtype))
-    return [y, x.grad, module.weight.grad, module.bias.grad]
+    y.backward(dy.to(device=device, dtype=y.dtype))
+    return [t.cpu() for t in (y, x.grad, module.weight.grad, module.bias.grad)]
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -61,9 +64,9 @@ def test_layer_norm_runs_what_torch_runs(x_dtype, p_dtype, backend, device):
         theirs(x)
     except RuntimeError:
         with pytest.raises(ValueError, match="weight must have x's dtype"):
-            ours(x)
+            ours(x.to(device))
         return
-    dy = torch.randn(x.shape, device=device).to(theirs(x).dtype)  # the same cotangent for the float64 run
+    dy = torch.randn(x.shape).to(theirs(x).dtype)  # the same cotangent for the float64 run
     got, want, ref = _run(ours, x, dy), _run(theirs, x, dy), _run(ref64, x.double(), dy.double())
     for g, w, r in zip(got, want, ref):
         assert g.dtype == w.dtype
@@ -76,37 +79,41 @@ def test_layer_norm_mixed_precision_with_residual(x_dtype, backend, device):
     """ctxkern's residual (in the input's dtype) with float32 parameters: LayerNorm of the float32 sum."""
     require_backend(backend)
     ours, theirs, ref64, x = _layer_norms(x_dtype, torch.float32, backend, device)
-    r = torch.randn(x.shape, device=device).to(x_dtype)
-    y = ours(x, r)
+    r = torch.randn(x.shape).to(x_dtype)
+    y = ours(x.to(device), r.to(device))
     assert y.dtype == x_dtype
-    assert_low_precision_close(y, ref64(x.double() + r.double()), theirs(x.float() + r.float()).to(x_dtype))
+    with torch.no_grad():
+        yardstick = theirs(x.float() + r.float()).to(x_dtype)  # torch's mixed precision on the float32 sum
+        assert_low_precision_close(y.cpu(), ref64(x.double() + r.double()), yardstick)
     with pytest.raises(ValueError, match="residual must have input's dtype"):
-        ours(x, r.float())
+        ours(x.to(device), r.float().to(device))
 
 
 def _lstms(dtype, device, **kwargs):
+    """(ours on device, torch's and torch's float64 on the CPU), as for LayerNorm."""
     # Sizes large enough that the maximum error in fp16 / bf16 is not one element's rounding.
     ours = ctxkern.nn.LSTM(8, 16, num_layers=2, device=device, dtype=dtype, **kwargs)
-    theirs = torch.nn.LSTM(8, 16, num_layers=2, device=device, dtype=dtype, **kwargs)
+    theirs = torch.nn.LSTM(8, 16, num_layers=2, dtype=dtype, **kwargs)
     theirs.load_state_dict(ours.state_dict())
-    ref64 = torch.nn.LSTM(8, 16, num_layers=2, device=device, dtype=torch.float64, **kwargs)
+    ref64 = torch.nn.LSTM(8, 16, num_layers=2, dtype=torch.float64, **kwargs)
     ref64.load_state_dict(ours.state_dict())
     return ours, theirs, ref64
 
 
 def _lstm_outputs(module, x, lengths, grad, dtype):
-    x = x.detach().requires_grad_(grad)
+    """[out, h_n, c_n] and with grad [dx, dweight_hh_l1], on the CPU."""
+    x = x.detach().to(module.weight_hh_l0.device).requires_grad_(grad)
     inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
     with torch.set_grad_enabled(grad):
         out, (h, c) = module(inp)
         out = out if lengths is None else out.data
         if not grad:
-            return [out, h, c]
+            return [t.cpu() for t in (out, h, c)]
         # One random cotangent per output, representable in the run's dtype, so every run gets the same one.
         g = torch.Generator().manual_seed(0)
         sum((t.double() * torch.randn(t.shape, generator=g).to(dtype).double().to(t.device)).sum()
             for t in (out, h, c)).backward()
-    return [out, h, c, x.grad, module.weight_hh_l1.grad]
+    return [t.cpu() for t in (out, h, c, x.grad, module.weight_hh_l1.grad)]
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -118,7 +125,7 @@ def test_lstm_runs_every_dtype_torch_runs(dtype, packed, grad, backend, device):
     require_backend(backend)
     ours, theirs, ref64 = _lstms(dtype, device, bidirectional=True, proj_size=4)
     ours.backend = backend
-    x = torch.randn(6, 5, 8, device=device).to(dtype)
+    x = torch.randn(6, 5, 8).to(dtype)
     lengths = torch.tensor([6, 2, 3, 6, 1]) if packed else None
     got = _lstm_outputs(ours, x, lengths, grad, dtype)
     want = _lstm_outputs(theirs, x, lengths, grad, dtype)
