@@ -14,6 +14,7 @@ from conftest import BACKEND_DEVICES, assert_fp32_close, require_backend
 from ctxkern import ops
 
 KERNEL_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
+HEAD_DIM = 32  # the smallest head dim the cuda backend's kernels are built for
 
 
 def _seq_mask(device):
@@ -23,6 +24,12 @@ def _seq_mask(device):
 
 def _cu(device):
     return torch.tensor([0, 2, 2, 5], dtype=torch.int32, device=device)
+
+
+def _qkv(device, q_lead, kv_lead):
+    """q (*q_lead, H, D), k and v (*kv_lead, H, D) with one head."""
+    q = torch.randn(*q_lead, 1, HEAD_DIM, device=device)
+    return [q, *(torch.randn(*kv_lead, 1, HEAD_DIM, device=device) for _ in range(2))]
 
 
 # name -> (inputs(device) with the differentiable tensors first, number of them, f(backend, *inputs) -> tensor)
@@ -39,14 +46,11 @@ CASES = {
     "masked_mean_pool_varlen-normalize": (
         lambda d: [torch.randn(5, 4, device=d), _cu(d)], 1,
         lambda be, h, cu: ops.masked_mean_pool_varlen(h, cu, normalize=True, backend=be)),
-    "attention": (lambda d: [torch.randn(3, 2, 2, 8, device=d), torch.randn(3, 3, 2, 8, device=d),
-                             torch.randn(3, 3, 2, 8, device=d), _seq_mask(d)], 3,
+    "attention": (lambda d: [*_qkv(d, (3, 2), (3, 3)), _seq_mask(d)], 3,
                   lambda be, q, k, v, m: ops.attention(q, k, v, key_padding_mask=m, backend=be)),
-    "attention-causal": (lambda d: [torch.randn(1, 3, 2, 8, device=d), torch.randn(1, 3, 2, 8, device=d),
-                                    torch.randn(1, 3, 2, 8, device=d)], 3,
+    "attention-causal": (lambda d: _qkv(d, (1, 3), (1, 3)), 3,
                          lambda be, q, k, v: ops.attention(q, k, v, causal=True, backend=be)),
-    "attention_varlen": (lambda d: [torch.randn(5, 2, 8, device=d), torch.randn(5, 2, 8, device=d),
-                                    torch.randn(5, 2, 8, device=d), _cu(d)], 3,
+    "attention_varlen": (lambda d: [*_qkv(d, (5,), (5,)), _cu(d)], 3,
                          lambda be, q, k, v, cu: ops.attention_varlen(q, k, v, cu, cu, 3, 3, causal=True,
                                                                       backend=be)),
     "lstm_cell": (lambda d: [torch.randn(2, 8, device=d), torch.randn(2, 8, device=d), torch.randn(2, 2, device=d),

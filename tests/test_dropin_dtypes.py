@@ -162,16 +162,17 @@ def test_ops_take_float64_and_match_torch(backend, device):
     close(ops.masked_mean_pool_varlen(hidden.reshape(6, 4)[:5], cu, backend=backend),
           torch.stack([hidden.reshape(6, 4)[:2].mean(0), hidden.reshape(6, 4)[2:5].mean(0)]))
 
-    q, k, v = (torch.randn(2, 3, 2, 8, **f64) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 2, 32, **f64) for _ in range(3))  # D = 32: a cuda head dim
     keep = torch.tensor([[True, True, False], [True, True, True]], device=device)
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_mask=keep[:, None, None, :]).transpose(1, 2)
     close(ops.attention(q, k, v, key_padding_mask=keep, backend=backend), sdpa)
-    packed = [t.reshape(6, 2, 8) for t in (q, k, v)]
+    packed = [t.reshape(6, 2, 32) for t in (q, k, v)]
     cu3 = torch.tensor([0, 3, 6], dtype=torch.int32, device=device)
     sdpa_causal = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True).transpose(1, 2)
-    close(ops.attention_varlen(*packed, cu3, cu3, 3, 3, causal=True, backend=backend), sdpa_causal.reshape(6, 2, 8))
+    close(ops.attention_varlen(*packed, cu3, cu3, 3, 3, causal=True, backend=backend),
+          sdpa_causal.reshape(6, 2, 32))
 
     gates_x, gates_h, c, bias = torch.randn(3, 8, **f64), torch.randn(3, 8, **f64), torch.randn(3, 2, **f64), None
     h, c_new = ops.lstm_cell(gates_x, gates_h, c, bias, backend=backend)
