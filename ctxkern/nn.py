@@ -50,6 +50,7 @@ class LayerNorm(torch.nn.LayerNorm):
         if self._mixed_precision(input, weight, bias):
             if residual is not None and residual.dtype != input.dtype:
                 raise ValueError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
+            _dispatch.resolve(self.backend, input.device)  # a backend that cannot run still says so
             y = layer_norm_ref(flat, weight, bias, self.eps, residual)
         else:
             y = ops.layer_norm(flat, weight, bias, self.eps, residual=residual, backend=self.backend)

@@ -89,6 +89,13 @@ def test_layer_norm_mixed_precision_with_residual(x_dtype, backend, device):
         ours(x.to(device), r.float().to(device))
 
 
+def test_layer_norm_mixed_precision_still_names_a_backend_that_cannot_run():
+    if ctxkern.backends()["cuda"] == "available":
+        pytest.skip("cuda is available here")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' unavailable: "):
+        ctxkern.nn.LayerNorm(8, backend="cuda")(torch.randn(2, 8).bfloat16())
+
+
 def _lstms(dtype, device, **kwargs):
     """(ours on device, torch's and torch's float64 on the CPU), as for LayerNorm."""
     # Sizes large enough that the maximum error in fp16 / bf16 is not one element's rounding.
