@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from ctxkern import _dispatch
-from ctxkern.ops import lstm_cell
+from ctxkern.ops import _autograd_modes, lstm_cell
 
 
 def _check_clip(value: Optional[float], name: str) -> Optional[float]:
@@ -36,6 +36,8 @@ class LSTM(torch.nn.LSTM):
     Keyword-only extras: cell_clip clamps the memory cell to +-cell_clip before its tanh, proj_clip clamps the
     projected output (it needs proj_size > 0), as AllenNLP's LSTM with projection; backend picks the cell's
     ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded tensor or a PackedSequence.
+    Input and parameters share a dtype, as torch.nn.LSTM requires: float32, float16, bfloat16 (the kernels) or
+    float64 (the cell's reference).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -153,6 +155,9 @@ class LSTM(torch.nn.LSTM):
         """Whether the time loop can run as the CPU operator lstm_layer_fwd: it has no autograd, so only when
         nothing needs a gradient; it saves the Python overhead of each step, which on a CPU rivals the step."""
         if _dispatch.resolve(self.backend, tensors[0].device) != "cpu":
+            return False
+        if _autograd_modes.reference_needed(tensors[0].dtype):
+            # float64, forward-mode AD or a torch.func transform: the cell's reference serves, step by step.
             return False
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 

@@ -30,9 +30,15 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     return y.to(x.dtype)
 
 
-def _normalize_rows(x: Tensor) -> Tensor:
-    """x / max(||x||2, 1e-12) per row: F.normalize, as sentence-transformers' Normalize module calls it."""
-    return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
+def _normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(||x||2, 1e-12) per row: F.normalize, as sentence-transformers' Normalize module calls it.
+
+    A zero row (the mean of a sequence with no token) is x / eps, with F.normalize's value and gradient, but
+    not taken through the norm, whose forward-mode and second derivatives at 0 are 0 / 0 = NaN.
+    """
+    zero = (x == 0).all(dim=-1, keepdim=True)
+    normalized = torch.nn.functional.normalize(torch.where(zero, 1.0, x), p=2.0, dim=-1, eps=eps)
+    return torch.where(zero, x / eps, normalized)
 
 
 def masked_mean_pool_ref(hidden: Tensor, mask: Tensor, normalize: bool = False) -> Tensor:

@@ -340,12 +340,16 @@ def test_unsupported_model_raises_type_error(model):
         integrations.patch(model)
 
 
-def test_float64_model_raises_value_error_naming_the_dtype():
-    # ctxkern's LayerNorm takes float32, float16 and bfloat16 only.
-    model = integrations.patch(BertModel(small_config()).double())
+def test_float64_model_matches_transformers():
+    # No kernel computes float64: ctxkern's ops serve it through their references, as transformers runs it.
+    ref, patched = small_pair()
     ids, mask = random_batch([3, 2])
-    with pytest.raises(ValueError, match="float64"):
-        model(ids, attention_mask=mask)
+    real = mask.bool()
+    with torch.no_grad():
+        want = ref.double()(ids, attention_mask=mask).last_hidden_state[real]
+        got = patched.double()(ids, attention_mask=mask).last_hidden_state[real]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_sentence_transformer_without_bert_raises_type_error():

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
+from ctxkern.ops import _autograd_modes
 from ctxkern.ops._checks import (check_cu_seqlens, check_float_dtype, check_like, check_max_seqlen, check_offsets,
                                  check_tensor, cu_seqlens_values, keep_mask, last_dim_contiguous)
 from ctxkern.ops._register import register_op
@@ -105,8 +106,17 @@ def _backward(bwd_op, ctx, dout, _dlse):
     rest = list(ctx.rest)
     for slot, t in zip(ctx.tensor_slots, tensors, strict=True):
         rest[slot] = t
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward kernel is not differentiable, the reference's backward is.
+        reference = attention_ref if len(rest) == 3 else _varlen_reference
+        return _autograd_modes.reference_vjp(reference, (q, k, v, *rest), (dout,))
     dq, dk, dv = bwd_op(last_dim_contiguous(dout), q, k, v, out, lse, *rest)
     return (dq, dk, dv) + (None,) * len(rest)
+
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen_q, _max_seqlen_k, causal, scale):
+    """attention_varlen_ref with the varlen operator's arguments."""
+    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
 
 
 # backend -> forward operator
@@ -125,7 +135,7 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
         check_tensor(t, name)
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
-    check_float_dtype(q, "q")
+    check_float_dtype(q, "q", _autograd_modes.ACCEPTED_DTYPES)
     check_like(k, q, "k", "q")
     check_like(v, q, "v", "q")
     q_shape, k_shape = q.shape, k.shape  # each .shape builds a torch.Size: read once
@@ -178,7 +188,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     last dim is contiguous). key_padding_mask (B, Sk), nonzero = attend: bool, integer (>= 0) or float (0 and 1
     only; an additive 0 / -inf mask raises ValueError: pass `mask == 0`). causal: query i sees keys
     j <= i + Sk - Sq (bottom-right aligned). scale defaults to 1/sqrt(D). A query row that may see no key
-    gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. Differentiable in q, k and v.
+    gives zeros (and passes no gradient). -> (B, Sq, H, D) in q's dtype. q, k, v: float32, float16,
+    bfloat16 (the kernels) or float64 (the reference, on every backend). Differentiable in q, k and v, in
+    every autograd mode: double backward, forward-mode AD and torch.func transforms run the reference
+    (ctxkern/ops/_autograd_modes.py).
     dropout_p must be 0.0: dropout is not supported, and a nonzero value raises ValueError rather than
     being ignored. backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
@@ -189,7 +202,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     mask = None if key_padding_mask is None else _mask_as_bool(key_padding_mask, q, k)
     name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], name)
-    if name == "torch" or q.numel() == 0 or k.numel() == 0:
+    if name == "torch" or q.numel() == 0 or k.numel() == 0 or _autograd_modes.reference_needed(q.dtype):
         return attention_ref(q, k, v, mask, causal, scale)
     out, _lse = _FWD[name](last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), mask, causal,
                            scale)
@@ -226,7 +239,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     backend_name = _dispatch.resolve(backend, q.device)
     _check_head_dim(q.shape[-1], backend_name)
-    if backend_name == "torch" or q.numel() == 0 or k.numel() == 0:
+    if (backend_name == "torch" or q.numel() == 0 or k.numel() == 0
+            or _autograd_modes.reference_needed(q.dtype)):
         if q.is_meta:  # the reference reads the offsets, which meta tensors lack: the operator's fake serves
             return _VARLEN_FWD["triton"].op(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
         return attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale)

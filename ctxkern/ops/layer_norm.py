@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
+from ctxkern.ops import _autograd_modes
 from ctxkern.ops._checks import (as_rows, check_float_dtype, check_like, check_shape, check_tensor,
                                  last_dim_contiguous)
 from ctxkern.ops._register import register_op
@@ -48,14 +49,21 @@ def _layer_norm_bwd_triton(dy: Tensor, x: Tensor, residual: Optional[Tensor], we
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps = inputs
+    x, residual, weight, bias, eps = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, residual, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.eps = eps
 
 
 def _backward(bwd_op, ctx, dy, _dmean, _drstd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward kernel is not differentiable, the reference's backward is. The bias
+        # is not saved: its gradient is the column sum of dy, and it does not change the other gradients.
+        dx, dres, dweight = _autograd_modes.reference_vjp(
+            lambda x, r, w: layer_norm_ref(x, w, None, ctx.eps, r), (x, residual, weight), (dy,))
+        return dx, dres, dweight, dy.sum(0) if ctx.has_bias else None, None
     dx, dweight, dbias = bwd_op(last_dim_contiguous(dy), x, residual, weight, mean, rstd, ctx.has_bias)
     # y depends on x and residual only through their sum, so both get the same gradient.
     return (dx, dx if residual is not None else None, dweight if weight is not None else None,
@@ -72,7 +80,7 @@ def _check(x, weight, bias, residual) -> None:
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalized last dim); got a 0-d tensor")
-    check_float_dtype(x, "x")
+    check_float_dtype(x, "x", _autograd_modes.ACCEPTED_DTYPES)
     n = x.shape[-1]
     if weight is not None:
         check_like(weight, x, "weight")
@@ -89,13 +97,16 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
                residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """y = LayerNorm(x + residual) over the last dim; weight, bias: (N,) or None; statistics in fp32.
 
-    Differentiable in x, residual, weight and bias. backend: "auto", "torch", "cpu", "cuda" or "triton".
+    x: float32, float16, bfloat16 (the kernels) or float64 (the reference, on every backend); weight, bias and
+    residual in x's dtype. Differentiable in x, residual, weight and bias, in every autograd mode: double
+    backward, forward-mode AD and torch.func transforms run the reference (ctxkern/ops/_autograd_modes.py).
+    backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
     _check(x, weight, bias, residual)
     if not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     name = _dispatch.resolve(backend, x.device)
-    if name == "torch" or x.numel() == 0:
+    if name == "torch" or x.numel() == 0 or _autograd_modes.reference_needed(x.dtype):
         return layer_norm_ref(x, weight, bias, eps, residual)
     y, _mean, _rstd = _FWD[name](
         as_rows(x),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
+from ctxkern.ops import _autograd_modes
 from ctxkern.ops._checks import check_float_dtype, check_like, check_shape, check_tensor, last_dim_contiguous
 from ctxkern.ops._register import register_op
 from ctxkern.reference import lstm_cell_ref
@@ -55,6 +56,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(bwd_op, ctx, dh, dc_new):
     input_gates, hidden_gates, c, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward kernel is not differentiable, the reference's backward is.
+        return _autograd_modes.reference_vjp(lstm_cell_ref, (input_gates, hidden_gates, c, bias, ctx.cell_clip),
+                                             (dh, dc_new))
     # An output that took no part in the loss may come back as None.
     dh = torch.zeros_like(c) if dh is None else dh
     dc_new = torch.zeros_like(c) if dc_new is None else dc_new
@@ -76,7 +81,7 @@ if _dispatch.HAS_EXTENSION:
 
 def _check(input_gates, hidden_gates, c, bias, cell_clip) -> None:
     check_tensor(input_gates, "input_gates")
-    check_float_dtype(input_gates, "input_gates")
+    check_float_dtype(input_gates, "input_gates", _autograd_modes.ACCEPTED_DTYPES)
     if input_gates.dim() != 2:
         raise ValueError(f"input_gates must be 2-D (B, 4H), got shape {tuple(input_gates.shape)}")
     batch, width = input_gates.shape
@@ -99,13 +104,15 @@ def lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor, bias: Option
 
     input_gates, hidden_gates: (B, 4H), x W_ih^T and h W_hh^T; c: (B, H); bias: (4H,) = b_ih + b_hh or None.
     Gate order i, f, g, o: c_new = sigmoid(f) * c + sigmoid(i) * tanh(g), clamped to +-cell_clip when given,
-    then h = sigmoid(o) * tanh(c_new). Differentiable in every tensor argument.
+    then h = sigmoid(o) * tanh(c_new). float32, float16, bfloat16 (the kernels) or float64 (the reference, on
+    every backend). Differentiable in every tensor argument, in every autograd mode: double backward,
+    forward-mode AD and torch.func transforms run the reference (ctxkern/ops/_autograd_modes.py).
     backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
     _check(input_gates, hidden_gates, c, bias, cell_clip)
     name = _dispatch.resolve(backend, input_gates.device)
     clip = None if cell_clip is None or math.isinf(cell_clip) else float(cell_clip)
-    if name == "torch" or c.numel() == 0:
+    if name == "torch" or c.numel() == 0 or _autograd_modes.reference_needed(c.dtype):
         return lstm_cell_ref(input_gates, hidden_gates, c, bias, clip)
     return _FWD[name](last_dim_contiguous(input_gates), last_dim_contiguous(hidden_gates), last_dim_contiguous(c),
                       None if bias is None else bias.contiguous(), clip)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import _dispatch
+from ctxkern.ops import _autograd_modes
 from ctxkern.ops._checks import (INT32_MAX, check_cu_seqlens, check_float_dtype, check_offsets, check_tensor,
                                  cu_seqlens_values, keep_mask, last_dim_contiguous)
 from ctxkern.ops._register import register_op
@@ -65,17 +66,34 @@ def _varlen_bwd_triton(dout: Tensor, cu_seqlens: Tensor, mean: Optional[Tensor],
 def _setup_context(ctx, inputs, output):
     hidden, index, normalize = inputs
     _out, mean = output
-    ctx.save_for_backward(index, mean if normalize else None)
+    # hidden only for a differentiable backward with normalize (the unnormalized mean is linear in hidden).
+    ctx.save_for_backward(index, mean if normalize else None, hidden if normalize else None)
     ctx.total = hidden.shape[0]
+    ctx.normalize = normalize
+
+
+def _reference_backward(reference, ctx, dout, index, hidden):
+    """create_graph=True: the backward kernel is not differentiable, the reference's backward is. Without
+    normalize the pool is linear, so its backward does not depend on hidden: a zero stand-in of its shape
+    serves."""
+    if hidden is None:
+        shape = (*index.shape, dout.shape[-1]) if reference is masked_mean_pool_ref else (ctx.total, dout.shape[-1])
+        hidden = dout.new_zeros((), requires_grad=True).expand(shape)
+    dhidden, _, _ = _autograd_modes.reference_vjp(reference, (hidden, index, ctx.normalize), (dout,))
+    return dhidden, None, None
 
 
 def _backward(bwd_op, ctx, dout, _dmean):
-    mask, mean = ctx.saved_tensors
+    mask, mean, hidden = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _reference_backward(masked_mean_pool_ref, ctx, dout, mask, hidden)
     return bwd_op(dout.contiguous(), mask, mean), None, None
 
 
 def _varlen_backward(bwd_op, ctx, dout, _dmean):
-    cu_seqlens, mean = ctx.saved_tensors
+    cu_seqlens, mean, hidden = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _reference_backward(masked_mean_pool_varlen_ref, ctx, dout, cu_seqlens, hidden)
     return bwd_op(dout.contiguous(), cu_seqlens, mean, ctx.total), None, None
 
 
@@ -93,7 +111,7 @@ def _check_hidden(hidden: Tensor, dims: int, layout: str) -> None:
     check_tensor(hidden, "hidden")
     if hidden.dim() != dims:
         raise ValueError(f"hidden must be {dims}-D {layout}, got shape {tuple(hidden.shape)}")
-    check_float_dtype(hidden, "hidden")
+    check_float_dtype(hidden, "hidden", _autograd_modes.ACCEPTED_DTYPES)
 
 
 def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, backend: str = "auto") -> Tensor:
@@ -102,7 +120,10 @@ def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, b
     mask may be bool, integer (>= 0) or float (0 and 1: Hugging Face's attention_mask as is); nonzero = token.
     A float mask with other values (an additive 0 / -inf mask) raises ValueError. Accumulates in fp32; a row
     with no token gives zeros. normalize=True returns x / max(||x||2, 1e-12) of the fp32 mean.
-    Differentiable in hidden. backend: "auto", "torch", "cpu", "cuda" or "triton".
+    hidden: float32, float16, bfloat16 (the kernels) or float64 (the reference, on every backend).
+    Differentiable in hidden, in every autograd mode: double backward, forward-mode AD and torch.func
+    transforms run the reference (ctxkern/ops/_autograd_modes.py). backend: "auto", "torch", "cpu", "cuda" or
+    "triton".
     """
     _check_hidden(hidden, 3, "(B, S, D)")
     check_tensor(mask, "mask")
@@ -112,7 +133,7 @@ def masked_mean_pool(hidden: Tensor, mask: Tensor, *, normalize: bool = False, b
         raise ValueError(f"mask must be on hidden's device {hidden.device}, got {mask.device}")
     keep = keep_mask(mask, "mask")
     name = _dispatch.resolve(backend, hidden.device)
-    if name == "torch" or hidden.numel() == 0:
+    if name == "torch" or hidden.numel() == 0 or _autograd_modes.reference_needed(hidden.dtype):
         return masked_mean_pool_ref(hidden, keep, normalize)
     out, _mean = _FWD[name](last_dim_contiguous(hidden), keep, bool(normalize))
     return out
@@ -140,7 +161,7 @@ def masked_mean_pool_varlen(hidden: Tensor, cu_seqlens: Tensor, *, normalize: bo
     _check_hidden(hidden, 2, "(total, D)")
     _check_cu_seqlens(cu_seqlens, hidden)
     name = _dispatch.resolve(backend, hidden.device)
-    if name == "torch" or hidden.numel() == 0:
+    if name == "torch" or hidden.numel() == 0 or _autograd_modes.reference_needed(hidden.dtype):
         if hidden.is_meta:  # the reference reads the offsets, which meta tensors lack: the operator's fake serves
             return _VARLEN_FWD["triton"].op(hidden, cu_seqlens.to(torch.int32), bool(normalize))[0]
         return masked_mean_pool_varlen_ref(hidden, cu_seqlens, normalize)
