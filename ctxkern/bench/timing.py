@@ -1,26 +1,44 @@
 """Timers: the median of repeated runs after warm-up; on a GPU with the L2 flushed between runs."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+# A calibration loop runs until it lasts this long: perf_counter's resolution (well under a microsecond) and
+# the loop's own cost are then below 0.1% of it, even for a call of a few microseconds.
+CALIBRATION_SECONDS = 1e-3
+
+
+def calls_per_round(fn: Callable[[], object], min_seconds: float) -> int:
+    """How many calls of fn one timed round makes so that it lasts about min_seconds.
+
+    Taken from a loop of fn grown fourfold until it lasts CALIBRATION_SECONDS, not from one call: one call of
+    a 10 us op is too short to time alone, and a first call can be slower (page faults, a cold cache), which
+    would leave every round of a small op only a few calls long, dominated by timer and loop overhead."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= CALIBRATION_SECONDS:
+            return max(1, math.ceil(min_seconds * n / elapsed))
+        n *= 4
+
 
 def time_cpu_interleaved(fns: list[Callable[[], object]], rounds: int = 15, min_seconds: float = 0.02,
                          warmup: int = 3) -> list[float]:
     """Median wall time in ms of each fn, timed in alternating rounds so that every fn sees the same share of
-    a shared machine's slow and fast moments: their ratios are then fair even when absolute times drift."""
+    a shared machine's slow and fast moments: their ratios are then fair even when absolute times drift.
+    Each round of a fn is a loop of calls_per_round(fn) calls (one for an fn that lasts min_seconds or more)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    # Calls per round: enough for each round of each fn to last about min_seconds.
-    reps = []
-    for fn in fns:
-        t0 = time.perf_counter()
-        fn()
-        reps.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6))))
+    reps = [calls_per_round(fn, min_seconds) for fn in fns]
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, k, out in zip(fns, reps, samples):
