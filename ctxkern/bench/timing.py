@@ -13,21 +13,26 @@ import torch
 CALIBRATION_SECONDS = 1e-3
 
 
+def _loop_seconds(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - t0
+
+
 def calls_per_round(fn: Callable[[], object], min_seconds: float) -> int:
     """How many calls of fn one timed round makes so that it lasts about min_seconds.
 
-    Taken from a loop of fn grown fourfold until it lasts CALIBRATION_SECONDS, not from one call: one call of
-    a 10 us op is too short to time alone, and a first call can be slower (page faults, a cold cache), which
-    would leave every round of a small op only a few calls long, dominated by timer and loop overhead."""
+    Taken from a loop of fn grown fourfold until it lasts CALIBRATION_SECONDS, then timed once more, the
+    faster of the two kept: one call of a 10 us op is too short to time alone, and one slow moment (a cold
+    cache, another process taking the core) would leave every round of a small op a few calls long, dominated
+    by timer and loop overhead. An fn that lasts a round or more alone is not run again."""
     n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= CALIBRATION_SECONDS:
-            return max(1, math.ceil(min_seconds * n / elapsed))
+    while (elapsed := _loop_seconds(fn, n)) < CALIBRATION_SECONDS:
         n *= 4
+    if elapsed < min_seconds:
+        elapsed = min(elapsed, _loop_seconds(fn, n))
+    return max(1, math.ceil(min_seconds * n / elapsed))
 
 
 def time_cpu_interleaved(fns: list[Callable[[], object]], rounds: int = 15, min_seconds: float = 0.02,
