@@ -5,13 +5,14 @@ such and not timed.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ctxkern.bench.timing import time_cpu_interleaved, time_cuda
+from ctxkern.bench.timing import time_cpu_rounds, time_cuda
 
 # Allowed max |out - ref| / max(1, max |ref|): a sanity bound that catches wrong kernels, not an ulp test
 # (the tests hold the kernels to the tight bounds).
@@ -116,7 +117,8 @@ def run_case(case: Case, device: str, peaks: dict) -> list[dict]:
 
     A row's peak_fraction compares like with like (peak_basis names the peak): a row with a FLOP count against
     the matmul rate of its dtype; else, on a CPU, its GB/s against a copy of the same bytes timed in the same
-    rounds, since neither is flushed from the caches between runs; on a GPU against the large copy."""
+    rounds (its fastest round), since neither is flushed from the caches between runs; on a GPU against the
+    large copy."""
     reference = case.reference()
     rows, timed = [], []
     for cand in case.candidates:
@@ -137,10 +139,15 @@ def run_case(case: Case, device: str, peaks: dict) -> list[dict]:
         copy_fn, copy_bytes = same_size_copy(case.bytes_moved)
         fns.append(copy_fn)
     if device == "cpu":
-        times = time_cpu_interleaved(fns, rounds=case.cpu_rounds, warmup=case.cpu_warmup)
+        samples = time_cpu_rounds(fns, rounds=case.cpu_rounds, warmup=case.cpu_warmup)
+        times = [statistics.median(s) for s in samples]
     else:
         times = [time_cuda(fn) for fn in fns]
-    same_size_gbps = copy_bytes / times.pop() / 1e6 if copy_bytes is not None else None
+    same_size_gbps = None
+    if copy_bytes is not None:
+        # The copy is a ceiling, like the run's peaks: its fastest round, where the rows report medians.
+        times.pop()
+        same_size_gbps = copy_bytes / min(samples[-1]) / 1e6
     eager_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == "torch eager"), None)
     peer_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == case.peer), None)
     for (row, _), ms in zip(timed, times):

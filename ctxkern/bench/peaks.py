@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ctxkern.bench.timing import time_cpu_interleaved, time_cuda
+from ctxkern.bench.timing import time_cpu_rounds, time_cuda
 
 GPU_COPY_BYTES = 2 * 2**30      # per buffer: far beyond any L2 (60 MB on an H200)
 GPU_MATMUL_N = 8192
@@ -40,8 +40,14 @@ def last_level_cache_bytes() -> Optional[int]:
     return max(sizes) if sizes else None
 
 
+# A peak is a ceiling: each is the fastest round (CPU) or run (GPU) of its measurement, where the rows report
+# medians; on a shared machine a slow moment then lowers a row, never the ceiling it is compared with.
 def _cpu_timer(rounds: int) -> Callable[[Callable[[], object]], float]:
-    return lambda fn: time_cpu_interleaved([fn], rounds=rounds, warmup=1)[0]
+    return lambda fn: min(time_cpu_rounds([fn], rounds=rounds, warmup=1)[0])
+
+
+def _gpu_timer(fn: Callable[[], object]) -> float:
+    return time_cuda(fn, mode="min")
 
 
 def copy_gbps(nbytes: int, device: str, timer: Callable) -> float:
@@ -61,7 +67,7 @@ def measure_peaks(device: str, quick: bool = False, progress: Callable[[str], No
     CPU); cache_bytes: the CPU's last-level cache (None on a GPU). A few seconds on a CPU."""
     start = time.perf_counter()
     if device == "cuda":
-        timer, buffer_bytes = time_cuda, GPU_COPY_BYTES
+        timer, buffer_bytes = _gpu_timer, GPU_COPY_BYTES
         cache = None
     else:
         timer = _cpu_timer(5 if quick else 10)
