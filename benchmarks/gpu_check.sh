@@ -7,44 +7,57 @@
 #
 #   usage: benchmarks/gpu_check.sh [OUTDIR]       OUTDIR: $OUT when set, else the argument
 #   env:   GPU_CHECK_SECONDS (deadline, default 480), PYTHON (default python3), GPU_TEST_WORKERS (pytest-xdist
-#          workers for the tests when xdist is installed, default 8; 0: one process)
+#          workers for the tests when xdist is installed, default 8; 0: one process), GPU_CHECK_TESTS (which
+#          test phases: default "kernels torch-cuda"; "" for none), GPU_CHECK_OPS (the ops to benchmark, in
+#          order; default "layer_norm attention masked_mean_pool lstm_cell lstm bert")
 #
 # Files in OUTDIR (6; a device call returns at most 8): summary.txt (one line per phase: exit status, wall
 # seconds, limit), gpu_check.log (everything, each test's outcome as it finishes), tests-kernels.xml and
 # tests-torch-cuda.xml (junit), bench.txt (the printed tables), bench.tar.gz (each op's <date>-<gpu>-<op>
 # .json/.md/.png, re-packed after every op; unpack it into benchmarks/results/ to commit them).
 #
-# Budget, for a 16-core H200 machine (nothing here has run on a GPU yet: these are estimates, from
-# measurements on the 2-core x86-64 development machine, 2026-12-01, which was shared and loaded (load average
-# about 10), so its CPU seconds (user + sys, children included) are the figures scaled, not its wall times):
+# Budget for a 16-core H200 machine. Nothing here has run on a GPU yet: these are estimates from measurements
+# on the 2-core x86-64 development machine (2026-12-01), which was shared and loaded (load average 10 to 15),
+# so the figures scaled are its CPU seconds per job (user + sys, children included), not its wall times.
 #
-#   phase          limit  expected  basis
-#   env               30       5    nvidia-smi, versions
-#   build            300     ~70    CPU seconds per file, one job each (17 jobs, all in parallel: MAX_JOBS=16
-#                                   and the 3 extensions at once via DIST_EXTRA_CONFIG's build_ext parallel):
-#                                     nvcc, sm_80 + sm_90 + compute_90 PTX (the default build):
-#                                       attention.cu 28.5  attention_bwd.cu ?  layer_norm.cu ?
-#                                       lstm_cell.cu ?  masked_mean_pool.cu ?
-#                                     host C++ against torch's headers (-O3): bindings.cpp ?  ops.cpp ?
-#                                       cpu/*.cpp, per file and instruction set: ? to ?
-#                                   this script builds sm_90 only (CTXKERN_CUDA_ARCHS=90: the H200 is sm_90;
-#                                   sm_80 is compiled by tests/test_cuda_compile.py on every CPU machine),
-#                                   which takes ? of the three-target time; the critical path is then
-#                                   the longest file, ? s, plus linking, pip's overhead and a slower shared
-#                                   disk: ~70 s expected, 300 s allowed
-#   smoke             60      10    `ctxkern info`: the cuda and triton backends must be available
-#   tests-kernels    180    ~100    `pytest -m cuda -k "not torch-cuda"`: 648 tests (the cuda and triton
-#                                   backends; 972 collected with `-m cuda`, skipped on a CPU machine). Their
-#                                   cpu-backend twins take ? s here; on the GPU the time is mostly
-#                                   Triton's JIT compiles (? s per kernel specialization here, ahead of
-#                                   time, tests/test_triton_compile.py), spread over 8 xdist workers
-#   bench          until   ~200    `ctxkern bench --device cuda --no-compile`, one op at a time in the order
-#                  the             layer_norm, attention, masked_mean_pool, lstm_cell, bert, lstm (45 cases, 3 to
-#                  deadline         8 candidates each; torch.compile left out: its compiles alone would take
-#                                   minutes); each op at most 150 s, the deadline's remainder at most
-#   tests-torch-cuda  rest   ~40    `pytest -m cuda -k torch-cuda`: 324 tests of the pure-PyTorch backend on CUDA
+#   phase             limit  expected  basis
+#   env                  30        5   nvidia-smi, versions
+#   build               300     ~150   CPU s per compile job, one job at a time, with the build's flags:
+#                                        nvcc, sm_80 + sm_90 + compute_90 PTX (the default build): attention.cu
+#                                        28.5, attention_bwd.cu 46.3, layer_norm.cu 42.7, lstm_cell.cu 4.9,
+#                                        masked_mean_pool.cu 5.0; sm_90 + its PTX only (this script:
+#                                        CTXKERN_CUDA_ARCHS=90, the H200 is sm_90 and every CPU machine
+#                                        compiles sm_80 in tests/test_cuda_compile.py): attention_bwd.cu 24.2,
+#                                        layer_norm.cu 25.0 (52-59% of the three targets)
+#                                        host C++ against torch's headers, -O3: ops.cpp 55.3, cuda/bindings.cpp
+#                                        29.7, cpu/*.cpp for AVX-512: attention 32.0, layer_norm 23.0,
+#                                        lstm_cell 27.1, masked_mean_pool 28.4 (the AVX2 build compiles
+#                                        the same files with fewer flags: taken as alike)
+#                                      The 3 extensions build one after another (see build()), all the files
+#                                      of one at once (MAX_JOBS=16 >= its 5 to 7 files), so the critical path
+#                                      is the sum of each extension's longest file, ops.cpp 55 + 32 + 32 =
+#                                      ~120 s, plus 3 links and pip's own work
+#   smoke                60       10   `ctxkern info`; the cuda and triton backends must be available
+#   tests-kernels       180     ~100   `pytest -m cuda -k "not torch-cuda"`: 648 tests (the cuda and triton
+#                                      backends; `-m cuda` collects 972, all skipped on a CPU machine). Their
+#                                      cpu-backend twins (324 tests) took 111 s here, loaded; on the GPU the
+#                                      time is mostly Triton's JIT compiles: 0.26 CPU s per kernel
+#                                      specialization here (tests/test_triton_compile.py, 174 compiles in
+#                                      45.6 s), a few hundred specializations, over 8 xdist workers
+#   bench-<op>   150 each  ~170+120 `ctxkern bench --device cuda --no-compile --op <op>` in the order layer_norm,
+#                                      attention, masked_mean_pool, lstm_cell, lstm, bert: 45 cases of 3 to 8
+#                                      candidates (layer_norm 12, attention 12, masked_mean_pool 6, lstm_cell 8,
+#                                      lstm 3, bert 4); ~10 s per op to start python, torch and CUDA, each
+#                                      candidate ~0.3 s of do_bench (25 ms warm-up, 100 ms of runs, L2
+#                                      flushed), bert's ~4 s (a call encodes 256 sentences): ~170 s before
+#                                      bert, ~120 s for bert; torch.compile left out (its compiles would take
+#                                      minutes)
+#   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 324 tests of the torch backend on CUDA
 #
-#   deadline 480 s (8 minutes), so a 600 s call keeps 2 minutes to spare; expected ~7 minutes in all.
+#   deadline 480 s (8 minutes): every limit is cut to what is left of it, less 15 s (10 for `timeout -k`, 5 for
+#   the summary), so the call ends within 8 minutes and keeps 2 of the 10 spare. Expected: through bench-lstm
+#   in about 7.3 minutes (5 + 150 + 10 + 100 + 170 s); bench-bert and tests-torch-cuda get what is left and are
+#   recorded as cut (exit 124) or skipped: for a second call, GPU_CHECK_TESTS=torch-cuda GPU_CHECK_OPS=bert.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-${1:-}}
@@ -57,6 +70,8 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python3}
 DEADLINE=${GPU_CHECK_SECONDS:-480}
 WORKERS=${GPU_TEST_WORKERS:-8}
+TESTS=${GPU_CHECK_TESTS-kernels torch-cuda}
+OPS=${GPU_CHECK_OPS:-layer_norm attention masked_mean_pool lstm_cell lstm bert}
 LOG=$OUTDIR/gpu_check.log
 SUMMARY=$OUTDIR/summary.txt
 BENCH_DIR=$(mktemp -d)/bench
@@ -102,18 +117,16 @@ env_info() {
 
 build() {
   # sm_90 (with its PTX) only: the H200 is sm_90, and sm_80 is compiled on every CPU machine by the tests.
-  # The 3 extensions (the CUDA one and two CPU ones) build at once, each with ninja's parallel jobs.
-  local cfg
-  cfg=$(mktemp --suffix .cfg)
-  printf '[build_ext]\nparallel = 3\n' >"$cfg"
+  # The extensions build one after another, each with ninja's parallel jobs: not at once (build_ext's
+  # parallel / -j), since torch's ninja build writes every extension's build.ninja into the same build_temp.
   local t0=$(date +%s)
-  CTXKERN_CUDA=1 CTXKERN_CUDA_ARCHS=90 MAX_JOBS=16 DIST_EXTRA_CONFIG=$cfg \
+  CTXKERN_CUDA=1 CTXKERN_CUDA_ARCHS=90 MAX_JOBS=16 \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && return 0
   # pip itself failing fast (not a compile error): the same build, in place, importable from the tree.
   if [ $(( $(date +%s) - t0 )) -lt 60 ]; then
     echo "pip failed within a minute: building in place instead"
     [ -e ctxkern/kernels ] || ln -s ../kernels ctxkern/kernels
-    CTXKERN_CUDA=1 CTXKERN_CUDA_ARCHS=90 MAX_JOBS=16 "$PY" setup.py build_ext --inplace -j 3
+    CTXKERN_CUDA=1 CTXKERN_CUDA_ARCHS=90 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
     return
   fi
   return 1
@@ -158,11 +171,11 @@ if ! phase build 300 60 build; then
   exit 1
 fi
 phase smoke 60 10 smoke || status=1
-phase tests-kernels 180 30 pytest_cuda tests-kernels.xml -k "not torch-cuda" || status=1
+case " $TESTS " in *" kernels "*) phase tests-kernels 180 30 pytest_cuda tests-kernels.xml -k "not torch-cuda" || status=1 ;; esac
 mkdir -p "$BENCH_DIR"
-for op in layer_norm attention masked_mean_pool lstm_cell bert lstm; do
+for op in $OPS; do
   phase "bench-$op" 150 20 bench_op "$op" || status=1
 done
-phase tests-torch-cuda 120 20 pytest_cuda tests-torch-cuda.xml -k torch-cuda || status=1
+case " $TESTS " in *" torch-cuda "*) phase tests-torch-cuda 120 20 pytest_cuda tests-torch-cuda.xml -k torch-cuda || status=1 ;; esac
 echo "gpu_check: $(( $(date +%s) - START ))s in all; exit $status (per phase above)" | tee -a "$SUMMARY"
 exit $status
