@@ -107,7 +107,8 @@ phase() {
 
 env_info() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  "$PY" -c 'import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
   "$PY" -c 'import triton; print("triton", triton.__version__)'
   "$PY" -c 'import setuptools; print("setuptools", setuptools.__version__)'
   command -v nvcc && nvcc --version | tail -n 2
@@ -155,7 +156,9 @@ bench_op() {
   PYTHONPATH=$PWD "$PY" -m ctxkern bench --device cuda --no-compile --op "$1" --out "$BENCH_DIR" \
     | tee -a "$OUTDIR/bench.txt"
   local rc=${PIPESTATUS[0]}
-  tar -czf "$OUTDIR/bench.tar.gz.part" -C "$(dirname "$BENCH_DIR")" bench && mv "$OUTDIR/bench.tar.gz.part" "$OUTDIR/bench.tar.gz"
+  # Written aside and renamed, so that a cut-off run leaves the previous op's complete archive.
+  tar -czf "$OUTDIR/bench.tar.gz.part" -C "$(dirname "$BENCH_DIR")" bench \
+    && mv "$OUTDIR/bench.tar.gz.part" "$OUTDIR/bench.tar.gz"
   return "$rc"
 }
 
@@ -171,11 +174,15 @@ if ! phase build 300 60 build; then
   exit 1
 fi
 phase smoke 60 10 smoke || status=1
-case " $TESTS " in *" kernels "*) phase tests-kernels 180 30 pytest_cuda tests-kernels.xml -k "not torch-cuda" || status=1 ;; esac
+case " $TESTS " in
+  *" kernels "*) phase tests-kernels 180 30 pytest_cuda tests-kernels.xml -k "not torch-cuda" || status=1 ;;
+esac
 mkdir -p "$BENCH_DIR"
 for op in $OPS; do
   phase "bench-$op" 150 20 bench_op "$op" || status=1
 done
-case " $TESTS " in *" torch-cuda "*) phase tests-torch-cuda 120 20 pytest_cuda tests-torch-cuda.xml -k torch-cuda || status=1 ;; esac
+case " $TESTS " in
+  *" torch-cuda "*) phase tests-torch-cuda 120 20 pytest_cuda tests-torch-cuda.xml -k torch-cuda || status=1 ;;
+esac
 echo "gpu_check: $(( $(date +%s) - START ))s in all; exit $status (per phase above)" | tee -a "$SUMMARY"
 exit $status

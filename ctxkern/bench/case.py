@@ -91,10 +91,12 @@ FP32_MATMUL, BF16_MATMUL, DEVICE_COPY, SAME_SIZE_COPY = "fp32 matmul", "bf16 mat
 
 
 def compute_peak(peaks: dict, dtype: torch.dtype) -> tuple[Optional[float], Optional[str]]:
-    """The matmul rate (TFLOP/s) a row of this dtype is compared with, and its name; (None, None) where this
-    run measured none (bf16 or fp16 on a CPU)."""
-    key, basis = ("fp32_tflops", FP32_MATMUL) if dtype == torch.float32 else ("bf16_tflops", BF16_MATMUL)
-    return (peaks.get(key), basis) if peaks.get(key) else (None, None)
+    """The matmul rate (TFLOP/s) a row of this dtype is compared with, and its name: fp32 against fp32, bf16
+    and fp16 against bf16 (one tensor-core rate); (None, None) where this run measured none (bf16 or fp16 on
+    a CPU, any other dtype)."""
+    key, basis = {torch.float32: ("fp32_tflops", FP32_MATMUL), torch.bfloat16: ("bf16_tflops", BF16_MATMUL),
+                  torch.float16: ("bf16_tflops", BF16_MATMUL)}.get(dtype, (None, None))
+    return (peaks[key], basis) if key is not None and peaks.get(key) else (None, None)
 
 
 def same_size_copies(bytes_moved: float) -> tuple[list[Callable[[], object]], int]:

@@ -7,8 +7,8 @@ CPU: an fp32 matmul and a copy larger than the last-level cache (main memory). N
 AMX emulates it at a small fraction of the fp32 rate (one such measurement took 16 minutes and gave
 0.00 TFLOP/s), so a bf16 compute row on a CPU gets no fraction. The main-memory copy is reported, not used to
 scale rows: CPU timings do not flush the caches, and a working set of a few MiB then runs from L2 or L3 at
-several times main memory's bandwidth (up to 200% "of peak" against it). A CPU case's GB/s is scaled instead
-by a copy of its own size timed in its own interleaved rounds (case.py).
+several times main memory's bandwidth (rows over 100% "of peak" against it). A CPU case's GB/s is scaled
+instead by copies of its own size timed in its own interleaved rounds (case.same_size_copies).
 """
 from __future__ import annotations
 

@@ -106,8 +106,8 @@ def _peaks_sentence(result: dict) -> str:
     copy = f"copy {peak['copy_gbps']:.1f} GB/s"
     if peak.get("copy_bytes"):
         copy += f" ({peak['copy_bytes'] / 2**20:.0f} MiB moved a call"
-        copy += (f", main memory: the cache is {peak['cache_bytes'] / 2**20:.0f} MiB)" if cpu and peak.get("cache_bytes")
-                 else ")")
+        cache = peak.get("cache_bytes") if cpu else None
+        copy += f", main memory: the cache is {cache / 2**20:.0f} MiB)" if cache else ")"
     return ", ".join(flops + [copy])
 
 
@@ -117,9 +117,11 @@ def _legend(cpu: bool) -> str:
         return ("'of peak': a row with a FLOP count (attention, the LSTM layer, BERT end to end: model FLOPs with "
                 "tokenization in the time) over the fp32 matmul rate measured in this run, for fp32 rows; no bf16 "
                 "or fp16 compute row has one (this run measures no bf16 matmul on a CPU, which emulates it); "
-                "other rows' GB/s over a copy of the same bytes timed in the same interleaved rounds (CPU timings "
-                "leave the caches warm, so a working set of a few MiB runs from L2 or L3, as the same-size copy "
-                "does; against the main-memory copy such rows would exceed 100%).")
+                "other rows' GB/s over a copy of the same bytes timed in the same interleaved rounds, its fastest "
+                "round with torch's threaded copy_ or numpy's single-threaded one (CPU timings leave the caches "
+                "warm, so a working set of a few MiB runs from L2 or L3, as the same-size copy does; against the "
+                "main-memory copy such rows would exceed 100%). Peaks are the fastest rounds of their "
+                "measurements, rows the medians.")
     return ("'of peak': a row with a FLOP count over the matmul rate measured in this run for its dtype (fp32 "
             "against fp32; bf16 and fp16 against bf16), other rows' GB/s over the large device copy (GPU timings "
             "flush the L2, so every case reads device memory).")
