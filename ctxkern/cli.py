@@ -40,7 +40,7 @@ def _bench(args) -> int:
 
 
 def _load_encoder(args):
-    from ctxkern.models import SentenceEncoder, bundled_model_path
+    from ctxkern.models import SentenceEncoder
 
     encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, backend=args.backend)
     name = "all-MiniLM-L6-v2 (bundled)" if args.model is None else str(args.model)
@@ -78,34 +78,66 @@ def _search(args) -> int:
     return 0
 
 
+# The ops `ctxkern bench --op` takes, listed here so that `--help` does not import the harness (and with it
+# the models); tests/test_cli.py checks that it equals ctxkern.bench.OPS.
+BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or more, got {value}")
+    return value
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a sentence-transformers or BERT folder (default: the bundled "
                                         "all-MiniLM-L6-v2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"))
+    parser.add_argument("--device", default=_default_device(),
+                        help=f"the torch device to run the model on, e.g. cpu, cuda, cuda:1 (default here: "
+                             f"{_default_device()})")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="which kernels the model runs: auto (the fastest available for the device), torch "
+                             "(the pure-PyTorch reference), cpu, cuda or triton (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ctxkern import __version__
+
     parser = argparse.ArgumentParser(prog="ctxkern", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"ctxkern {__version__}",
+                        help="print ctxkern's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     embed = sub.add_parser("embed", help="the cosine-similarity matrix of sentences' embeddings")
     embed.add_argument("sentences", nargs="+", help="the sentences")
     embed.add_argument("--word", help="compare this word's contextual embedding in each sentence instead")
     _model_arguments(embed)
     embed.set_defaults(run=_embed)
     search = sub.add_parser("search", help="rank a corpus by similarity to a query")
-    search.add_argument("--query", required=True)
+    search.add_argument("--query", required=True, help="the text to search for")
     search.add_argument("--corpus", help="a text file, one sentence per line (default: a small built-in corpus)")
     search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
     _model_arguments(search)
     search.set_defaults(run=_search)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
-    bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers")
-    bench.add_argument("--op", help="one op (default: all)")
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--out", default="bench-out", help="folder for <date>-<device>[-<op>].json, .md and .png")
-    bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
+    bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers",
+                           description="Checks every candidate against a float64 reference, times it, prints a "
+                                       "table and writes it as JSON, Markdown and a PNG plot.")
+    bench.add_argument("--op", choices=BENCH_OPS, help="one op (default: all)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=_default_device(),
+                       help=f"where to run: cpu or cuda (default here: {_default_device()})")
+    bench.add_argument("--out", default="bench-out", help="folder for <date>-<device>[-<op>].json, .md and .png "
+                                                          "(default: bench-out)")
+    bench.add_argument("--threads", type=_threads, default=0, help="CPU threads (default 0: torch's)")
+    bench.add_argument("--quick", action="store_true", help="small shapes and few rounds, for a smoke test")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     bench.set_defaults(run=_bench)
     return parser

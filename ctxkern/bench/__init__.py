@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import re
+import time
 from typing import Callable
 
 import torch
@@ -55,14 +56,18 @@ def run(ops: list[str], device: str, *, quick: bool = False, with_compile: bool 
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
     allocator = steady_cpu_allocator() if device == "cpu" else "torch CUDA caching allocator"
     torch.manual_seed(0)
-    progress("measuring peaks")
-    peaks = measure_peaks(device, quick)
+    start = time.perf_counter()
+    peaks = measure_peaks(device, quick, progress)
     rows = []
     for op in ops:
-        for case in OPS[op](device, quick, with_compile):
-            progress(f"{case.op} {case.shape} {str(case.dtype).removeprefix('torch.')}")
+        progress(f"{op}: setting up its cases")
+        cases = OPS[op](device, quick, with_compile)
+        for i, case in enumerate(cases, 1):
+            progress(f"[{time.perf_counter() - start:4.0f} s] {op} {i}/{len(cases)}: {case.op} {case.shape} "
+                     f"{str(case.dtype).removeprefix('torch.')}")
             rows += run_case(case, device, peaks)
     name = device_name(device)
     return {"device": name, "device_slug": "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()),
+            "device_type": device,
             "date": datetime.date.today().isoformat(), "ops": ops, "commit": git_commit(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "allocator": allocator, "peak": peaks, "rows": rows}

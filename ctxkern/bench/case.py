@@ -5,13 +5,15 @@ such and not timed.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ctxkern.bench.timing import time_cpu_interleaved, time_cuda
+from ctxkern.bench.timing import time_cpu_rounds, time_cuda
 
 # Allowed max |out - ref| / max(1, max |ref|): a sanity bound that catches wrong kernels, not an ulp test
 # (the tests hold the kernels to the tight bounds).
@@ -76,12 +78,36 @@ def check(candidate: Candidate, reference: Sequence[Tensor], dtype: torch.dtype)
 def _new_row(case: Case, cand: Candidate) -> dict:
     row = {"op": case.op, "backend": cand.backend, "shape": case.shape,
            "dtype": str(case.dtype).removeprefix("torch."), "median_ms": None, "gbps": None, "tflops": None,
-           "speedup_vs_torch": None, "peak_fraction": None, "baseline": cand.baseline}
+           "speedup_vs_torch": None, "peak_fraction": None, "peak_basis": None, "baseline": cand.baseline}
     if case.items is not None:
         row["items_per_s"] = None
     if case.peer is not None:
         row |= {"peer": case.peer, "speedup_vs_peer": None}
     return row
+
+
+# peak_basis values: what a row's peak_fraction divides by.
+FP32_MATMUL, BF16_MATMUL, DEVICE_COPY, SAME_SIZE_COPY = "fp32 matmul", "bf16 matmul", "copy", "same-size copy"
+
+
+def compute_peak(peaks: dict, dtype: torch.dtype) -> tuple[Optional[float], Optional[str]]:
+    """The matmul rate (TFLOP/s) a row of this dtype is compared with, and its name: fp32 against fp32, bf16
+    and fp16 against bf16 (one tensor-core rate); (None, None) where this run measured none (bf16 or fp16 on
+    a CPU, any other dtype)."""
+    key, basis = {torch.float32: ("fp32_tflops", FP32_MATMUL), torch.bfloat16: ("bf16_tflops", BF16_MATMUL),
+                  torch.float16: ("bf16_tflops", BF16_MATMUL)}.get(dtype, (None, None))
+    return (peaks[key], basis) if key is not None and peaks.get(key) else (None, None)
+
+
+def same_size_copies(bytes_moved: float) -> tuple[list[Callable[[], object]], int]:
+    """Two float32 copies that move about bytes_moved (4 bytes read plus 4 written per element), and their
+    bytes: torch's copy_ on its threads, and numpy's single-threaded one. The ceiling is the faster: at a small
+    size one thread can beat torch's fork and join, and on a loaded machine a thread pool stalls (both ways
+    of copying seen: a 180 KB torch copy_ at 0.0 GB/s put a single-threaded kernel at 8578% of it)."""
+    src = torch.rand(max(1, round(bytes_moved / 8)))
+    dst = torch.empty_like(src)
+    src_np, dst_np = src.numpy(), dst.numpy()
+    return [lambda: dst.copy_(src), lambda: np.copyto(dst_np, src_np)], 8 * src.numel()
 
 
 def _check_or_explain(cand: Candidate, reference: Sequence[Tensor], dtype: torch.dtype) -> Optional[str]:
@@ -92,9 +118,14 @@ def _check_or_explain(cand: Candidate, reference: Sequence[Tensor], dtype: torch
         return f"failed: {type(err).__name__}: {first_line}"
 
 
-def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
+def run_case(case: Case, device: str, peaks: dict) -> list[dict]:
     """Checks every candidate, then times the ones that may be timed: on a GPU one after another (the device
-    is the run's alone), on a CPU in interleaved rounds (the machine is shared, and its speed drifts)."""
+    is the run's alone), on a CPU in interleaved rounds (the machine is shared, and its speed drifts).
+
+    A row's peak_fraction compares like with like (peak_basis names the peak): a row with a FLOP count against
+    the matmul rate of its dtype; else, on a CPU, its GB/s against a copy of the same bytes timed in the same
+    rounds (its fastest round), since neither is flushed from the caches between runs; on a GPU against the
+    large copy."""
     reference = case.reference()
     rows, timed = [], []
     for cand in case.candidates:
@@ -108,11 +139,22 @@ def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
             # A peer less accurate than the sanity bound is still what its users run: timed, and flagged.
             row["note"] = f"inaccurate: {problem}"
         timed.append((row, cand))
+    fns = [cand.fn for _, cand in timed]
+    flop_peak, flop_basis = compute_peak(peaks, case.dtype)
+    copies, copy_bytes = [], None
+    if device == "cpu" and case.bytes_moved is not None and case.flops is None and timed:
+        copies, copy_bytes = same_size_copies(case.bytes_moved)
+        fns += copies
     if device == "cpu":
-        times = time_cpu_interleaved([cand.fn for _, cand in timed], rounds=case.cpu_rounds,
-                                     warmup=case.cpu_warmup)
+        samples = time_cpu_rounds(fns, rounds=case.cpu_rounds, warmup=case.cpu_warmup)
+        times = [statistics.median(s) for s in samples]
     else:
-        times = [time_cuda(cand.fn) for _, cand in timed]
+        times = [time_cuda(fn) for fn in fns]
+    same_size_gbps = None
+    if copies:
+        # The copy is a ceiling, like the run's peaks: its fastest round, where the rows report medians.
+        del times[-len(copies):]
+        same_size_gbps = copy_bytes / min(min(s) for s in samples[-len(copies):]) / 1e6
     eager_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == "torch eager"), None)
     peer_ms = next((ms for (row, _), ms in zip(timed, times) if row["backend"] == case.peer), None)
     for (row, _), ms in zip(timed, times):
@@ -121,11 +163,14 @@ def run_case(case: Case, device: str, peaks: dict[str, float]) -> list[dict]:
             row["gbps"] = case.bytes_moved / ms / 1e6
         if case.flops is not None:
             row["tflops"] = case.flops / ms / 1e9
-        # Compute-bound ops are scaled by the matmul rate, memory-bound ones by the copy bandwidth.
         if row["tflops"] is not None:
-            row["peak_fraction"] = row["tflops"] / peaks["bf16_tflops"]
-        elif row["gbps"] is not None:
-            row["peak_fraction"] = row["gbps"] / peaks["copy_gbps"]
+            if flop_peak is not None:
+                row["peak_fraction"], row["peak_basis"] = row["tflops"] / flop_peak, flop_basis
+        elif same_size_gbps is not None:
+            row["peak_fraction"], row["peak_basis"] = row["gbps"] / same_size_gbps, SAME_SIZE_COPY
+            row["same_size_copy_gbps"] = same_size_gbps
+        elif row["gbps"] is not None and peaks.get("copy_gbps"):
+            row["peak_fraction"], row["peak_basis"] = row["gbps"] / peaks["copy_gbps"], DEVICE_COPY
         if eager_ms is not None:
             row["speedup_vs_torch"] = eager_ms / ms
         if case.items is not None:

@@ -10,13 +10,19 @@ from ctxkern.bench.peers import compiled, ctxkern_backends, liger_layer_norm
 from ctxkern.reference import layer_norm_ref
 
 
+# (64, 384): a tiny shape where per-call overhead is all there is (the 0.142 ms against torch's 0.016);
+# forward only. (256, 768): the overhead targets, forward, with residual and backward.
+TINY = (64, 384)
+
+
 def _shapes(device: str, quick: bool) -> list[tuple[tuple[int, int], torch.dtype]]:
     if quick:
-        return [((256, 768), torch.float32)]
+        return [(TINY, torch.float32), ((256, 768), torch.float32)]
     if device == "cuda":
         return [((16384, 768), torch.bfloat16), ((16384, 1024), torch.float32), ((16384, 768), torch.float16),
                 ((16384, 4096), torch.bfloat16)]
-    return [((8192, 768), torch.float32), ((8192, 768), torch.bfloat16)]
+    return [(TINY, torch.float32), ((256, 768), torch.float32), ((8192, 768), torch.float32),
+            ((8192, 768), torch.bfloat16)]
 
 
 def _forward_case(x, w, b, r, with_compile: bool) -> Case:
@@ -73,6 +79,7 @@ def cases(device: str, quick: bool, with_compile: bool) -> list[Case]:
         r = torch.randn_like(x)
         w = 1 + 0.1 * torch.randn(n, device=device, dtype=dtype)
         b = 0.1 * torch.randn(n, device=device, dtype=dtype)
-        out += [_forward_case(x, w, b, None, with_compile), _forward_case(x, w, b, r, with_compile),
-                _backward_case(x, w, b, with_compile)]
+        out.append(_forward_case(x, w, b, None, with_compile))
+        if (m, n) != TINY:
+            out += [_forward_case(x, w, b, r, with_compile), _backward_case(x, w, b, with_compile)]
     return out
