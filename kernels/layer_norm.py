@@ -73,11 +73,39 @@ def _layer_norm_fwd_kernel(
     mean = tl.sum(s, axis=1) / N
     # Padding columns must not contribute (0 - mean)^2 to the variance.
     diff = tl.where(mask, s - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / N
+    m2 = tl.sum(diff * diff, axis=1)
     # Correctly rounded: one per row costs nothing and keeps rstd within an ulp of the references.
-    rstd = tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + eps))
+    one = tl.full(m2.shape, 1.0, tl.float32)
+    rstd = tl.div_rn(one, tl.sqrt_rn(m2 / N + eps))
+    rstd_y = rstd
 
-    y = diff * rstd[:, None]
+    # The fp32 moments are wrong when m2 overflows (|s - mean| from ~1e19 at N = 768: rstd would be 0, y the
+    # bias) or is so small that its subnormal squares (|s - mean| < ~1e-19) lost digits var + eps would show:
+    # each is off by at most 2^-150, below 2^-50 relative past N * 2^-100. NaN compares false: a row holding
+    # inf or NaN goes through the rescaling too, and stays NaN there, as in torch.
+    ok = (m2 <= 3.4028234663852886e38) & (m2 + N * eps >= N * 7.888609052210118e-31)  # 2^-100
+    bad = row_mask & (ok == 0)
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        # Such rows are taken again from s * 2^-k, 2^k about the row's max-abs (k clamped to [-126, 126] so
+        # that 2^k and 2^-k are normal floats, built from their bits): the scaled row is in [2^-23, 4) and its
+        # squares neither overflow nor underflow; scaling by a power of two is exact.
+        amax = tl.max(tl.where(mask, tl.abs(s), 0.0), axis=1)
+        k = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        k = tl.minimum(tl.maximum(k, -126), 126)
+        up = ((k + 127) << 23).to(tl.float32, bitcast=True)
+        down = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        t = s * down[:, None]
+        mean_t = tl.sum(t, axis=1) / N
+        diff_t = tl.where(mask, t - mean_t[:, None], 0.0)
+        # eps * 2^-2k as (eps * down) * down: with eps = 0 it stays 0 (never 0 * inf).
+        rstd_t = tl.div_rn(one, tl.sqrt_rn(tl.sum(diff_t * diff_t, axis=1) / N + eps * down * down))
+        diff = tl.where(bad[:, None], diff_t, diff)
+        rstd_y = tl.where(bad, rstd_t, rstd)
+        # The statistics of s itself, for the backward: exact rescalings, normal while 2^-k / std(s) is.
+        mean = tl.where(bad, mean_t * up, mean)
+        rstd = tl.where(bad, rstd_t * down, rstd)
+
+    y = diff * rstd_y[:, None]
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = y * w[None, :]

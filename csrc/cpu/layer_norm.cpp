@@ -3,9 +3,10 @@
 // Work split: at::parallel_for over rows; one thread owns whole rows. A row (N <= a few thousand floats)
 // fits in L1, so each row is read from memory once (into an fp32 scratch row, or in place for fp32 without
 // residual) and every later pass over it runs from cache. The forward takes the mean while loading and the
-// variance in a second pass over the cached row (not E[x^2] - E[x]^2, which cancels); the backward needs two
-// passes. The backward reduces dweight/dbias per fixed chunk of rows into fp32 partials, then sums the
-// partials: deterministic whatever the thread schedule, and no atomics.
+// variance in a second pass over the cached row (not E[x^2] - E[x]^2, which cancels), both as blocked pairwise
+// sums; a row whose fp32 moments overflow or underflow takes them again from the row scaled by a power of two.
+// The backward needs two passes. It reduces dweight/dbias per fixed chunk of rows into fp32 partials, then sums
+// the partials: deterministic whatever the thread schedule, and no atomics.
 // Inner loops take 2 * Vec::size() elements at a time: one Vectorized<T> of fp16/bf16 widens to two of fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,6 +14,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -57,18 +61,86 @@ bool use_streaming_stores(const T* out, int64_t M, int64_t N) {
 #endif
 }
 
+// Sums of a row are taken in blocks of kBlockSteps steps of kStep elements, each block into two fresh
+// vectors, and the block sums are merged pairwise like a binary counter. The rounding error of a lane then
+// grows with kBlockSteps + log2(n / kBlock) instead of with n / kStep (a row of 100000 fp32 is 3125 sequential
+// additions per lane otherwise, several times torch's cascade-sum error); a row of one block (N <= 1024 with
+// AVX512) costs nothing extra.
+constexpr int64_t kBlockSteps = 32;
+constexpr int64_t kBlock = kBlockSteps * kStep;
+
+// sum over j = 0, kStep, ... < n_vec (a multiple of kStep) of the two vectors step(j, a, b) adds into (a, b).
+template <typename Step>
+inline float blocked_sum(int64_t n_vec, Step&& step) {
+  auto block = [&](int64_t j0) {
+    Vec a(0.f), b(0.f);
+    const int64_t end = std::min(j0 + kBlock, n_vec);
+    for (int64_t j = j0; j < end; j += kStep) step(j, a, b);
+    return a + b;
+  };
+  if (n_vec <= kBlock) return at::vec::vec_reduce_all<float>(std::plus<Vec>(), block(0));
+  // One partial sum per level, as raw floats (a Vec array would be zeroed on every call); 64 levels cover
+  // any int64 count of blocks.
+  alignas(64) float pending[64 * kVec];
+  int depth = 0;
+  uint64_t blocks = 0;
+  for (int64_t j0 = 0; j0 < n_vec; j0 += kBlock) {
+    Vec s = block(j0);
+    // The block count's trailing one bits are the complete levels below this block: fold them in.
+    for (uint64_t c = ++blocks; (c & 1) == 0; c >>= 1) s = Vec::loadu(pending + --depth * kVec) + s;
+    s.store(pending + depth++ * kVec);
+  }
+  Vec total(0.f);
+  while (depth > 0) total = Vec::loadu(pending + --depth * kVec) + total;
+  return at::vec::vec_reduce_all<float>(std::plus<Vec>(), total);
+}
+
+// sum_j (s[j] - mean)^2 over the row s (n,) in fp32.
+inline float centered_sumsq(const float* s, float mean, int64_t n) {
+  const Vec vmean(mean);
+  const int64_t n_vec = n - n % kStep;
+  float sumsq = blocked_sum(n_vec, [&](int64_t j, Vec& a, Vec& b) {
+    const Vec d0 = Vec::loadu(s + j) - vmean, d1 = Vec::loadu(s + j + kVec) - vmean;
+    a = at::vec::fmadd(d0, d0, a);
+    b = at::vec::fmadd(d1, d1, b);
+  });
+  for (int64_t j = n_vec; j < n; ++j) sumsq += (s[j] - mean) * (s[j] - mean);
+  return sumsq;
+}
+
+// Whether the fp32 sum of squares m2 of a row of n can be trusted: finite (it overflows from |s - mean| ~ 1e19 at
+// N = 768, and is NaN when the mean overflowed), and not so small that squares in the subnormal range
+// (below 2^-126, |s - mean| below ~1e-19) lose digits that var + eps would show. Each such square is off by
+// at most 2^-150, so past n * 2^-100 the loss is below 2^-50 relative. NaN compares false: not trusted.
+inline bool plain_moments_ok(float m2, int64_t n, float eps) {
+  const float nf = static_cast<float>(n);
+  return m2 <= std::numeric_limits<float>::max() && m2 + nf * eps >= nf * 0x1p-100f;
+}
+
+// The power of two 2^k (as k) that brings a row of max-abs amax to [1, 4): its values times 2^-k square and
+// sum in fp32 without overflow or underflow. k is clamped to [-126, 126] so that 2^k and 2^-k are both normal
+// floats; a subnormal amax then lands in [2^-23, 1), still far from underflow once squared. Scaling by a power
+// of two is exact (but for elements below 2^-126 of the row's max, which do not matter against it).
+inline int row_scale_exponent(float amax) {
+  int e = 0;
+  std::frexp(amax, &e);  // amax = f * 2^e, f in [0.5, 1); inf / NaN give an unspecified e: any clamped k is fine
+  return std::min(126, std::max(-126, e - 1));
+}
+
 // Forward of one row: s = x + r (r may be null), y = (s - mean) * rstd * w + b (w, b fp32 or null).
 // `scratch` (N,) holds s in fp32 unless the row can be read in place (fp32, no residual).
+// The moments are taken in fp32 from s; when they overflow or underflow (plain_moments_ok), they are taken
+// again from s * 2^-k with 2^k about the row's max-abs, and y comes from the scaled row:
+// rstd = 2^-k / sqrt(var(s * 2^-k) + eps * 2^-2k). A row holding inf or NaN stays NaN on either path, as in torch.
 template <typename T>
 void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, float* scratch, int64_t n,
                  float eps, bool stream, float& mean_out, float& rstd_out) {
   constexpr bool fp32 = std::is_same_v<T, float>;
   const bool in_place = fp32 && r == nullptr;
   const float* s = in_place ? reinterpret_cast<const float*>(x) : scratch;
+  const int64_t n_vec = n - n % kStep;
 
-  Vec acc0(0.f), acc1(0.f);
-  int64_t j = 0;
-  for (; j + kStep <= n; j += kStep) {
+  float sum = blocked_sum(n_vec, [&](int64_t j, Vec& acc0, Vec& acc1) {
     Vec a, c;
     load_sum2(x + j, r ? r + j : nullptr, a, c);
     if (!in_place) {
@@ -77,43 +149,62 @@ void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, f
     }
     acc0 = acc0 + a;
     acc1 = acc1 + c;
-  }
-  float sum = reduce(acc0, acc1);
-  for (; j < n; ++j) {
+  });
+  for (int64_t j = n_vec; j < n; ++j) {
     const float v = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
     if (!in_place) scratch[j] = v;
     sum += v;
   }
-  const float mean = sum / n;
+  float mean = sum / n;
+  float m2 = centered_sumsq(s, mean, n);
+  float rstd = 1.f / std::sqrt(m2 / n + eps);
+  mean_out = mean;
+  rstd_out = rstd;
 
-  const Vec vmean(mean);
-  acc0 = Vec(0.f);
-  acc1 = Vec(0.f);
-  for (j = 0; j + kStep <= n; j += kStep) {
-    const Vec d0 = Vec::loadu(s + j) - vmean, d1 = Vec::loadu(s + j + kVec) - vmean;
-    acc0 = at::vec::fmadd(d0, d0, acc0);
-    acc1 = at::vec::fmadd(d1, d1, acc1);
+  if (!plain_moments_ok(m2, n, eps)) {
+    Vec vmax(0.f);
+    for (int64_t j = 0; j + kVec <= n; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(s + j).abs());
+    float amax = at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return at::vec::maximum(p, q); },
+                                                vmax);
+    for (int64_t j = n - n % kVec; j < n; ++j) amax = std::max(amax, std::abs(s[j]));
+    const int k = row_scale_exponent(amax);
+    const float up = std::ldexp(1.f, k), down = std::ldexp(1.f, -k);
+    // scratch holds s unless in place; either way it now receives s * 2^-k.
+    const Vec vdown(down);
+    int64_t j = 0;
+    for (; j + kVec <= n; j += kVec) (Vec::loadu(s + j) * vdown).store(scratch + j);
+    for (; j < n; ++j) scratch[j] = s[j] * down;
+    s = scratch;
+    const float sum_t = blocked_sum(n_vec, [&](int64_t i, Vec& acc0, Vec& acc1) {
+      acc0 = acc0 + Vec::loadu(s + i);
+      acc1 = acc1 + Vec::loadu(s + i + kVec);
+    });
+    float total = sum_t;
+    for (int64_t i = n_vec; i < n; ++i) total += s[i];
+    mean = total / n;
+    m2 = centered_sumsq(s, mean, n);
+    // eps * 2^-2k as (eps * down) * down: with eps = 0 it stays 0 (never 0 * inf).
+    rstd = 1.f / std::sqrt(m2 / n + eps * down * down);
+    // The statistics of s itself, for the backward: exact rescalings, normal while 2^-k / std(s) is.
+    mean_out = mean * up;
+    rstd_out = rstd * down;
   }
-  float sumsq = reduce(acc0, acc1);
-  for (; j < n; ++j) sumsq += (s[j] - mean) * (s[j] - mean);
-  const float rstd = 1.f / std::sqrt(sumsq / n + eps);
 
-  const Vec vrstd(rstd);
+  const Vec vmean(mean), vrstd(rstd);
   auto affine = [&](int64_t k) {
     const Vec v = (Vec::loadu(s + k) - vmean) * vrstd;
     if (w && b) return at::vec::fmadd(v, Vec::loadu(w + k), Vec::loadu(b + k));
     if (w) return v * Vec::loadu(w + k);
     return b ? v + Vec::loadu(b + k) : v;
   };
-  for (j = 0; j + kStep <= n; j += kStep) store2(y + j, affine(j), affine(j + kVec), stream);
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) store2(y + j, affine(j), affine(j + kVec), stream);
   for (; j < n; ++j) {
     float v = (s[j] - mean) * rstd;
     if (w) v *= w[j];
     if (b) v += b[j];
     y[j] = static_cast<T>(v);
   }
-  mean_out = mean;
-  rstd_out = rstd;
 }
 
 // Backward of one row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and

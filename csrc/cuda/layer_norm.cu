@@ -56,14 +56,59 @@ __device__ __forceinline__ void load_or_fill(const T* __restrict__ p, int64_t co
   }
 }
 
+// Max over the 32 lanes of a warp; all lanes must call it, and all get the same bits (max is exact).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Max over a block of THREADS threads, with block_sum's contract (scratch: THREADS / 32 floats, reusable
+// back to back).
+template <int THREADS>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  constexpr int kWarps = THREADS / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) total = fmaxf(total, scratch[w]);
+  return total;
+}
+
+// Whether the fp32 sum of squares m2 of a row of n can be trusted: finite (it overflows from |s - mean| ~ 1e19
+// at N = 768, and is NaN when the mean overflowed), and not so small that squares in the subnormal range
+// (|s - mean| below ~1e-19) lose digits that var + eps would show: each is off by at most 2^-150, below 2^-50
+// relative past n * 2^-100. NaN compares false: not trusted.
+__device__ __forceinline__ bool plain_moments_ok(float m2, float n, float eps) {
+  return m2 <= 3.40282347e38f && m2 + n * eps >= n * 0x1p-100f;
+}
+
+// The rescaling of a row whose plain moments are not trusted: s * down, with down = 2^-k and up = 2^k, 2^k
+// about the row's max-abs amax, brings the row to [2^-23, 4), where its squares neither overflow nor
+// underflow. k is clamped to [-126, 126] so that both are normal floats; scaling by a power of two is exact.
+__device__ __forceinline__ void row_scale(float amax, float* up, float* down) {
+  int k = ((__float_as_int(amax) >> 23) & 0xff) - 127;
+  k = min(max(k, -126), 126);
+  *up = __int_as_float((k + 127) << 23);
+  *down = __int_as_float((127 - k) << 23);
+}
+
 // One forward row by a team of TEAM threads, thread t of the team. Thread t owns chunks c = 0..ITERS-1, chunk c
 // being the VEC columns from (c * TEAM + t) * VEC: consecutive threads touch consecutive VEC-wide pieces, so
 // each chunk is one coalesced sweep of the team. The row stays in registers from the load to the output, so
 // x and residual are read from global memory once; the variance is a second pass over those registers
 // (sum of (s - mean)^2), which cannot cancel the way E[s^2] - mean^2 does. Columns >= N are masked per chunk:
 // the launcher guarantees N % VEC == 0, so a chunk is entirely inside or entirely outside the row.
-// team_sum must be called by every thread of the team and return the same bits to all of them.
-template <typename T, int VEC, int ITERS, int TEAM, typename TeamSum>
+// When the fp32 moments overflow or underflow (plain_moments_ok), they are taken again from the registers scaled
+// by row_scale, and y from the scaled row: rstd = 2^-k / sqrt(var(s * 2^-k) + eps * 2^-2k). A row holding inf or
+// NaN stays NaN on either path, as in torch.
+// team_sum / team_max must be called by every thread of the team and return the same bits to all of them.
+template <typename T, int VEC, int ITERS, int TEAM, typename TeamSum, typename TeamMax>
 __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row,    // (N,)
                                                    const T* __restrict__ res_row,  // (N,) or nullptr
                                                    const T* __restrict__ weight,   // (N,) or nullptr
@@ -71,7 +116,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
                                                    T* __restrict__ y_row,          // (N,)
                                                    float* __restrict__ mean_out,   // this row's mean
                                                    float* __restrict__ rstd_out,   // this row's rstd
-                                                   int N, float eps, int t, TeamSum team_sum) {
+                                                   int N, float eps, int t, TeamSum team_sum, TeamMax team_max) {
   float v[ITERS][VEC];
   float sum = 0.f;
 #pragma unroll
@@ -86,7 +131,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
       for (int j = 0; j < VEC; ++j) v[c][j] = 0.f;
     }
   }
-  const float mean = team_sum(sum) / static_cast<float>(N);
+  float mean = team_sum(sum) / static_cast<float>(N);
 
   float sq = 0.f;
 #pragma unroll
@@ -100,10 +145,51 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
       }
     }
   }
-  const float rstd = rsqrtf(team_sum(sq) / static_cast<float>(N) + eps);
+  const float m2 = team_sum(sq);
+  float rstd = rsqrtf(m2 / static_cast<float>(N) + eps);
   if (t == 0) {
     *mean_out = mean;
     *rstd_out = rstd;
+  }
+
+  if (!plain_moments_ok(m2, static_cast<float>(N), eps)) {  // uniform: m2 has the same bits in the whole team
+    float amax = 0.f;
+#pragma unroll
+    for (int c = 0; c < ITERS; ++c) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(v[c][j]));  // chunks past N hold 0
+    }
+    float up, down;
+    row_scale(team_max(amax), &up, &down);
+    float sum_t = 0.f;
+#pragma unroll
+    for (int c = 0; c < ITERS; ++c) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[c][j] *= down;
+        sum_t += v[c][j];
+      }
+    }
+    mean = team_sum(sum_t) / static_cast<float>(N);
+    float sq_t = 0.f;
+#pragma unroll
+    for (int c = 0; c < ITERS; ++c) {
+      const int col = (c * TEAM + t) * VEC;
+      if (col < N) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = v[c][j] - mean;
+          sq_t += d * d;
+        }
+      }
+    }
+    // eps * 2^-2k as (eps * down) * down: with eps = 0 it stays 0 (never 0 * inf).
+    rstd = rsqrtf(team_sum(sq_t) / static_cast<float>(N) + eps * down * down);
+    // The statistics of s itself, for the backward: exact rescalings, normal while 2^-k / std(s) is.
+    if (t == 0) {
+      *mean_out = mean * up;
+      *rstd_out = rstd * down;
+    }
   }
 
 #pragma unroll
@@ -201,11 +287,12 @@ __global__ void __launch_bounds__(kWarpThreads)
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const auto team_sum = [](float v) { return warp_sum(v); };
+  const auto team_max = [](float v) { return warp_max(v); };
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + warp; row < M;
        row += static_cast<int64_t>(gridDim.x) * kWarpRowsPerBlock) {
     layer_norm_fwd_row<T, VEC, ITERS, kWarpSize>(
         x + row * x_stride, residual != nullptr ? residual + row * residual_stride : nullptr, weight, bias,
-        y + row * N, mean + row, rstd + row, N, eps, lane, team_sum);
+        y + row * N, mean + row, rstd + row, N, eps, lane, team_sum, team_max);
   }
 }
 
@@ -228,11 +315,40 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ float scratch[kRowThreads / kWarpSize];
   const int t = static_cast<int>(threadIdx.x);
   const auto team_sum = [&](float v) { return block_sum<kRowThreads>(v, scratch); };
+  const auto team_max = [&](float v) { return block_max<kRowThreads>(v, scratch); };
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     layer_norm_fwd_row<T, VEC, ITERS, kRowThreads>(
         x + row * x_stride, residual != nullptr ? residual + row * residual_stride : nullptr, weight, bias,
-        y + row * N, mean + row, rstd + row, N, eps, t, team_sum);
+        y + row * N, mean + row, rstd + row, N, eps, t, team_sum, team_max);
   }
+}
+
+// a[0] + ... + a[VEC - 1].
+template <int VEC>
+__device__ __forceinline__ float lane_total(const float (&a)[VEC]) {
+  float total = 0.f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) total += a[j];
+  return total;
+}
+
+// This thread's part of sum (s * scale - mu)^2 over a row re-read from global memory (the stream kernel's
+// columns), one accumulator per vector lane.
+template <typename T, int VEC>
+__device__ __forceinline__ float stream_sumsq(const T* __restrict__ x_row, const T* __restrict__ res_row,
+                                              int64_t first, int64_t N, float scale, float mu) {
+  constexpr int64_t kStep = static_cast<int64_t>(kRowThreads) * VEC;
+  float sq[VEC] = {};
+  for (int64_t col = first; col < N; col += kStep) {
+    float s[VEC];
+    load_row_sum<T, VEC>(x_row, res_row, col, s);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = s[j] * scale - mu;
+      sq[j] += d * d;
+    }
+  }
+  return lane_total<VEC>(sq);
 }
 
 // Block per row, N > 16384: the row no longer fits in registers, so each pass (mean, variance, output)
@@ -258,29 +374,51 @@ __global__ void __launch_bounds__(kRowThreads)
     const T* res_row = residual != nullptr ? residual + row * residual_stride : nullptr;
     T* y_row = y + row * N;
 
-    float sum = 0.f;
+    // One accumulator per vector lane: a row of 100000 is ~200 values per thread, and VEC chains of
+    // ~200 / VEC additions each keep the rounding error (and the latency chain) shorter.
+    float sum[VEC] = {};
     for (int64_t col = first; col < N; col += kStep) {
       float s[VEC];
       load_row_sum<T, VEC>(x_row, res_row, col, s);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum += s[j];
+      for (int j = 0; j < VEC; ++j) sum[j] += s[j];
     }
-    const float mu = block_sum<kRowThreads>(sum, scratch) / static_cast<float>(N);
-
-    float sq = 0.f;
-    for (int64_t col = first; col < N; col += kStep) {
-      float s[VEC];
-      load_row_sum<T, VEC>(x_row, res_row, col, s);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float d = s[j] - mu;
-        sq += d * d;
-      }
-    }
-    const float rs = rsqrtf(block_sum<kRowThreads>(sq, scratch) / static_cast<float>(N) + eps);
+    float mu = block_sum<kRowThreads>(lane_total<VEC>(sum), scratch) / static_cast<float>(N);
+    float m2 = block_sum<kRowThreads>(stream_sumsq<T, VEC>(x_row, res_row, first, N, 1.f, mu), scratch);
+    float rs = rsqrtf(m2 / static_cast<float>(N) + eps);
     if (threadIdx.x == 0) {
       mean[row] = mu;
       rstd[row] = rs;
+    }
+
+    // A row whose fp32 moments overflow or underflow: as in layer_norm_fwd_row, from the row scaled by
+    // row_scale (one more pass for the max, one for the scaled mean).
+    float down = 1.f;
+    if (!plain_moments_ok(m2, static_cast<float>(N), eps)) {  // uniform over the block
+      float amax = 0.f;
+      for (int64_t col = first; col < N; col += kStep) {
+        float s[VEC];
+        load_row_sum<T, VEC>(x_row, res_row, col, s);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(s[j]));
+      }
+      float up;
+      row_scale(block_max<kRowThreads>(amax, scratch), &up, &down);
+      float sum_t[VEC] = {};
+      for (int64_t col = first; col < N; col += kStep) {
+        float s[VEC];
+        load_row_sum<T, VEC>(x_row, res_row, col, s);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum_t[j] += s[j] * down;
+      }
+      mu = block_sum<kRowThreads>(lane_total<VEC>(sum_t), scratch) / static_cast<float>(N);
+      m2 = block_sum<kRowThreads>(stream_sumsq<T, VEC>(x_row, res_row, first, N, down, mu), scratch);
+      // eps * 2^-2k as (eps * down) * down: with eps = 0 it stays 0 (never 0 * inf).
+      rs = rsqrtf(m2 / static_cast<float>(N) + eps * down * down);
+      if (threadIdx.x == 0) {
+        mean[row] = mu * up;
+        rstd[row] = rs * down;
+      }
     }
 
     for (int64_t col = first; col < N; col += kStep) {
@@ -289,7 +427,7 @@ __global__ void __launch_bounds__(kRowThreads)
       load_or_fill<T, VEC>(weight, col, 1.f, w);
       load_or_fill<T, VEC>(bias, col, 0.f, b);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = (s[j] - mu) * rs * w[j] + b[j];
+      for (int j = 0; j < VEC; ++j) out[j] = (s[j] * down - mu) * rs * w[j] + b[j];
       store_float<T, VEC>(y_row + col, out);
     }
   }
