@@ -20,10 +20,10 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as err:
     raise SystemExit(
-        f"ctxkern's build imports torch, and the Python running it ({sys.executable}) has none ({err}).\n"
-        "If torch is installed in your environment, the build ran in an isolated environment: build with "
-        "`pip install --no-build-isolation .` (or `-e .`, `python -m build --no-isolation`).\n"
-        "Otherwise install torch first (`pip install torch`), then build that way."
+        f"ctxkern builds against the installed torch, and this build cannot import torch ({err}).\n"
+        "If torch is installed, the build ran in an isolated environment, which hides it: add "
+        "--no-build-isolation (`pip install --no-build-isolation .`, or `-e .`; `python -m build --no-isolation`).\n"
+        "If it is not, install torch first (`pip install torch`), then build that way."
     ) from err
 
 # setuptools builds wheels (and editable installs) itself from 70.1 on; before that it needs the `wheel`
