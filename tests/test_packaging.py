@@ -46,13 +46,13 @@ def configured_distribution(monkeypatch, **env):
 
 
 def tree_files(folder: Path, installed_as: str) -> set:
-    """Every file under folder that is not a build output, as the path it has once installed."""
+    """Every file under folder that is not a build output or hidden, as the path it has once installed."""
     files = set()
     for root, dirs, names in os.walk(folder):  # no followlinks: a ctxkern/kernels link is no source
-        dirs[:] = [d for d in dirs if d != "__pycache__" and not Path(root, d).is_symlink()]
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".") and not Path(root, d).is_symlink()]
         for name in names:
             path = Path(root, name)
-            if not name.endswith(NOT_SOURCES) and not path.is_symlink():
+            if not name.endswith(NOT_SOURCES) and not name.startswith(".") and not path.is_symlink():
                 files.add(str(Path(installed_as, path.relative_to(folder))))
     return files
 
@@ -187,7 +187,8 @@ def test_make_clean_removes_every_built_module_and_the_stamp_and_no_source(monke
 
 def test_an_isolated_build_without_torch_says_to_use_no_build_isolation():
     # What pip's default (isolated) build runs into: a Python with setuptools and no torch.
-    no_torch = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; exec(open('setup.py').read())"
+    no_torch = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+                "exec(open('setup.py').read())")
     run = subprocess.run([sys.executable, "-c", no_torch], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0
     assert "isolated environment" in run.stderr and "pip install --no-build-isolation" in run.stderr, run.stderr
