@@ -192,3 +192,11 @@ def test_an_isolated_build_without_torch_says_to_use_no_build_isolation():
     run = subprocess.run([sys.executable, "-c", no_torch], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0
     assert "isolated environment" in run.stderr and "pip install --no-build-isolation" in run.stderr, run.stderr
+
+
+def test_a_setuptools_too_old_to_build_wheels_alone_says_what_to_install(monkeypatch):
+    # A fresh Python 3.11 venv has setuptools 65.5 and no `wheel`: its build would fail late, on bdist_wheel.
+    monkeypatch.setattr(setuptools, "__version__", "65.5.0")
+    monkeypatch.setitem(sys.modules, "wheel", None)
+    with pytest.raises(SystemExit, match=r"needs setuptools>=70\.1 \(this is 65\.5\.0\) or the `wheel` package"):
+        configured_distribution(monkeypatch, CTXKERN_CUDA="0")
