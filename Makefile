@@ -42,5 +42,8 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
+# Every built module (ctxkern/_C and each ctxkern/_cpu_<isa>, as `pip install -e .` writes them in place) and
+# the build stamp, so that the next `make` builds again; only build outputs, never a source.
 clean:
-	rm -rf build ctxkern/_C*.so *.egg-info bench-out
+	rm -rf build dist *.egg-info bench-out
+	rm -f ctxkern/*.so $(VENV)/.built

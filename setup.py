@@ -1,23 +1,69 @@
-"""Builds ctxkern._C (the operator schemas, and the CUDA kernels when torch has CUDA and nvcc is found) and
-the C++ CPU kernels, always, as ctxkern._cpu_<instruction set>.
+"""Builds ctxkern._C (the operator schemas, and the CUDA kernels when torch has CUDA and the CUDA toolkit is
+complete) and the C++ CPU kernels, always, as ctxkern._cpu_<instruction set>.
 
-CTXKERN_CUDA=auto (default) | 0 | 1 chooses the CUDA part. Build with `pip install --no-build-isolation -e .`
-so the extension is compiled against the torch already installed (an isolated build would fetch another).
+CTXKERN_CUDA=auto (default) | 0 | 1 chooses the CUDA part. Build with `pip install --no-build-isolation .`
+(or `-e .`) so the extension is compiled against the torch already installed (an isolated build would fetch
+another, or none).
 """
 import glob
 import os
 import platform
+import re
+import subprocess
+import sys
 
-from setuptools import setup
+import setuptools
+from setuptools import find_packages, setup
 
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as err:
     raise SystemExit(
-        "ctxkern builds against an installed torch: install torch first, then "
-        "`pip install --no-build-isolation -e .`"
+        f"ctxkern builds against the installed torch, and this build cannot import torch ({err}).\n"
+        "If torch is installed, the build ran in an isolated environment, which hides it: add "
+        "--no-build-isolation (`pip install --no-build-isolation .`, or `-e .`; `python -m build --no-isolation`).\n"
+        "If it is not, install torch first (`pip install torch`), then build that way."
     ) from err
+
+# setuptools builds wheels (and editable installs) itself from 70.1 on; before that it needs the `wheel`
+# package, and without it fails late with "invalid command 'bdist_wheel'".
+if tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2]) < (70, 1):
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"ctxkern's build needs setuptools>=70.1 (this is {setuptools.__version__}) or the "
+                         "`wheel` package: `pip install 'setuptools>=70.1'`, then build again") from None
+
+
+def cuda_missing() -> list:
+    """What a CUDA build against this torch lacks on this machine; empty when it can be built.
+
+    torch finds CUDA_HOME from nvcc's location alone (nvcc in /usr/local/bin gives /usr/local), so a torch
+    with CUDA and an nvcc on PATH do not mean the toolkit's headers are there, or that its CUDA major
+    version is the one torch was built with (which torch requires of an extension). Checked before the
+    build rather than found as a compile error after minutes of it."""
+    if torch.version.cuda is None:
+        return [f"a torch with CUDA (torch {torch.__version__} was built without it)"]
+    if CUDA_HOME is None:
+        return ["nvcc (not on PATH, and CUDA_HOME is not set)"]
+    missing = []
+    include_dirs = [os.path.join(CUDA_HOME, "include")] + [p for p in [os.environ.get("CUDA_INC_PATH")] if p]
+    if not any(os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in include_dirs):
+        missing.append(f"the CUDA headers (no cuda_runtime.h in {' or '.join(include_dirs)}; "
+                       f"CUDA_HOME={CUDA_HOME}: set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    try:
+        release = re.search(r"release (\d+)\.(\d+)", subprocess.run(
+            [nvcc, "--version"], capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError) as err:
+        missing.append(f"a working nvcc ({nvcc} --version failed: {err})")
+    else:
+        torch_major = torch.version.cuda.split(".")[0]
+        if release and release.group(1) != torch_major:
+            missing.append(f"an nvcc of CUDA {torch_major}.x, as torch was built with CUDA {torch.version.cuda} "
+                           f"({nvcc} is CUDA {release.group(1)}.{release.group(2)})")
+    return missing
 
 
 def build_cuda() -> bool:
@@ -26,10 +72,16 @@ def build_cuda() -> bool:
         raise SystemExit(f"CTXKERN_CUDA must be auto, 0 or 1, not {mode!r}")
     if mode == "0":
         return False
-    possible = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "1" and not possible:
-        raise SystemExit("CTXKERN_CUDA=1 but torch was built without CUDA or nvcc was not found")
-    return possible
+    missing = cuda_missing()
+    if missing and mode == "1":
+        raise SystemExit("CTXKERN_CUDA=1, but the CUDA kernels cannot be built: this machine lacks "
+                         + "; and ".join(missing) + ". Install what is missing, or build with CTXKERN_CUDA=auto "
+                         "or 0 to build without CUDA.")
+    if missing and torch.version.cuda is not None:
+        # A CUDA torch without a usable toolkit: worth saying, as the user may expect the CUDA kernels.
+        print("ctxkern: building without the CUDA kernels (CTXKERN_CUDA=auto): this machine lacks "
+              + "; and ".join(missing) + ". CTXKERN_CUDA=1 makes this an error.", file=sys.stderr)
+    return not missing
 
 
 # One build of the CPU kernels per instruction set; ctxkern/_dispatch.py loads the best one the CPU runs.
@@ -43,9 +95,12 @@ CPU_CAPABILITY_FLAGS = {
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 } if X86 else {"default": []}
+# No -std= flag, for the host compiler or nvcc: torch's BuildExtension then adds the C++ standard of the
+# torch being built against (C++17 in older releases; C++20 in 2.13's and 2.14's, whose headers require it),
+# so the standard follows torch instead of a number fixed here.
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; without it the loops run on one thread.
 # The modules then share torch's libgomp (same soname, already loaded), so torch.set_num_threads governs.
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-fopenmp"]
 
 
 def cpu_extensions() -> list:
@@ -64,7 +119,7 @@ def core_extension():
     archs = os.environ.get("CTXKERN_CUDA_ARCHS", "80;90").split(";")
     # No --use_fast_math: its approximate division and flush-to-zero buy nothing in memory-bound kernels
     # and cost accuracy against the references.
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DCTXKERN_WITH_CUDA"]
+    nvcc = ["-O3", "-lineinfo", "-DCTXKERN_WITH_CUDA"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # PTX of the newest architecture too, so that a newer GPU can JIT-compile the kernels.
     nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
@@ -73,9 +128,22 @@ def core_extension():
                          extra_compile_args={"cxx": CXX_FLAGS + ["-DCTXKERN_WITH_CUDA"], "nvcc": nvcc})
 
 
+def packages() -> list:
+    """Every package under ctxkern/, and kernels/ installed as ctxkern.kernels (DESIGN.md's layout).
+
+    Found, not listed, so a new subpackage cannot be left out of the wheel. A ctxkern/kernels link to
+    ../kernels (what some development set-ups make) is skipped: kernels/ is mapped through package_dir."""
+    found = [p for p in find_packages(include=["ctxkern", "ctxkern.*"])
+             if p != "ctxkern.kernels" and not p.startswith("ctxkern.kernels.")]
+    return found + ["ctxkern.kernels"] + [f"ctxkern.kernels.{p}" for p in find_packages("kernels")]
+
+
 setup(
-    packages=["ctxkern", "ctxkern.ops", "ctxkern.bench", "ctxkern.kernels"],
+    packages=packages(),
     package_dir={"ctxkern.kernels": "kernels"},
+    # Files other than .py modules that the packages read at run time (none today); include-package-data is
+    # off in pyproject.toml so that this is the one list, which tests/test_packaging.py checks against the tree.
+    package_data={},
     ext_modules=[core_extension(), *cpu_extensions()],
     cmdclass={"build_ext": BuildExtension},
 )
