@@ -17,12 +17,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, residual: Optional[Tensor] = None) -> Tensor:
-    """LayerNorm of (x + residual) over the last dim, biased variance, as torch.nn.LayerNorm."""
+    """LayerNorm of (x + residual) over the last dim, biased variance, as torch.nn.LayerNorm (which gives NaN
+    or finite garbage on fp32 rows beyond about 1e19, where this gives the float64 result)."""
     ct = _compute_dtype(x.dtype)
     s = x.to(ct) if residual is None else x.to(ct) + residual.to(ct)
+    # In fp32 the squares of a row beyond about 1e19 overflow (and below 1e-19 lose digits), which would make
+    # rstd 0 and y the bias: finite garbage. Each row is first divided by a power of two near its largest
+    # magnitude (exact, and a constant to autograd), and eps by its square: the same function of s.
+    unit = 1.0
+    if ct == torch.float32:
+        peak = s.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
+        unit = torch.exp2(torch.log2(peak).floor())  # a row holding inf or NaN stays NaN, as in torch
+        s = s / unit
     mean = s.mean(dim=-1, keepdim=True)
     var = (s - mean).square().mean(dim=-1, keepdim=True)
-    y = (s - mean) * torch.rsqrt(var + eps)
+    y = (s - mean) * torch.rsqrt(var + eps / unit**2 if eps else var)  # eps / 0 when unit**2 underflows
     if weight is not None:
         y = y * weight.to(ct)
     if bias is not None:

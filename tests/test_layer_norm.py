@@ -319,23 +319,6 @@ def test_nn_layer_norm_residual_and_bad_shape():
 
 # ----------------------------------------------------------------------------- huge, tiny and non-finite rows
 
-# The torch backend is layer_norm_ref run in the input's dtype: its fp32 moments overflow and underflow like
-# the kernels' used to, so on rows of extreme magnitude it is expected to be wrong (strictly: if it ever gets
-# them right, the xfail fails and this list should change).
-def _torch_backend_xfails(reason, cases=((),), torch_right=()):
-    """BACKEND_DEVICES times cases (tuples of further parameters), the torch backend's cases not in
-    torch_right marked as strict xfails."""
-    params = []
-    for p in BACKEND_DEVICES:
-        for case in cases:
-            marks = list(p.marks)
-            if p.values[0] == "torch" and case not in torch_right:
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
-            ids = "-".join([p.id, *(f"{v:g}" for v in case)])
-            params.append(pytest.param(*p.values, *case, id=ids, marks=marks))
-    return params
-
-
 KERNEL_BACKEND_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
@@ -354,15 +337,14 @@ def assert_fp32_relative(out, ref, rel=1e-5):
 EXTREME_ROWS = [(1e19, 1e-5), (1e25, 1e-5), (1e30, 1e-5), (1e-20, 0.0), (1e-25, 0.0), (1e-40, 0.0)]
 
 
-# At 1e-20 the squares are subnormal but keep enough digits: the fp32 reference is off by 1.6e-5, 3x its usual
-# error but inside the bound, and so were the old kernels.
-@pytest.mark.parametrize("backend,device,scale,eps", _torch_backend_xfails(
-    "fp32 moments of the row overflow or underflow", EXTREME_ROWS, torch_right=[(1e-20, 0.0)]))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("scale,eps", EXTREME_ROWS)
 @pytest.mark.parametrize("n", (768, 769))
 @pytest.mark.parametrize("variant", ("affine", "residual"))
 def test_rows_of_extreme_magnitude_match_float64(backend, device, scale, eps, n, variant):
-    """The kernels rescale a row whose fp32 moments overflow or underflow, so they give the float64 result
-    (finite, within the fp32 bound) where the plain fp32 computation gives finite garbage, inf or NaN."""
+    """The kernels (and the torch backend's reference) rescale a row whose fp32 moments overflow or underflow,
+    so they give the float64 result (finite, within the fp32 bound) where the plain fp32 computation gives
+    finite garbage, inf or NaN."""
     require_backend(backend)
     x, r, w, b = make_inputs(5, n, torch.float32, device, variant)
     # Row 2 keeps its ordinary magnitude: rescaling is per row.
@@ -373,8 +355,8 @@ def test_rows_of_extreme_magnitude_match_float64(backend, device, scale, eps, n,
     assert_fp32_close(y, layer_norm_ref(f64(x), f64(w), f64(b), eps, f64(r)))
 
 
-@pytest.mark.parametrize("backend,device,scale", _torch_backend_xfails("fp32 moments of the row overflow",
-                                                                      [(1e19,), (1e30,)]))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("scale", (1e19, 1e30))
 def test_gradients_of_huge_rows_match_float64(backend, device, scale):
     """The backward uses the forward's saved mean and rstd: those of a rescaled row must be the row's own."""
     require_backend(backend)
