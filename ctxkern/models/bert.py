@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch, nn, ops
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
-from ctxkern.models._linear import ACTIVATIONS, Linear
+from ctxkern.models._linear import ACTIVATIONS, Linear, row_bucket
 
 
 # ----------------------------------------------------------------------------- config
@@ -181,6 +181,15 @@ class Bert(torch.nn.Module):
 
     def _run_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids) -> Tensor:
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)           # (T, H)
+        total = len(hidden)
+        if self.layers and self.layers[0].qkv.onednn_serves(hidden) and row_bucket(total) != total:
+            # oneDNN's linear layers see row_bucket(T) rows (models/_linear.py); padding once here saves each of
+            # them the copy. The zero rows are one-token sentences of their own, so no real token attends to
+            # them; they are dropped at the end.
+            extra = row_bucket(total) - total
+            hidden = F.pad(hidden, (0, 0, 0, extra))                                 # (bucket, H)
+            tail = cu_seqlens[-1] + torch.arange(1, extra + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+            cu_seqlens = torch.cat([cu_seqlens, tail])
 
         def attend(q, k, v):                                                          # (T, heads, head_dim)
             return ops.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -188,7 +197,7 @@ class Bert(torch.nn.Module):
 
         for layer in self.layers:
             hidden = layer(hidden, attend)
-        return hidden
+        return hidden[:total]
 
     # -- helpers
 
@@ -219,6 +228,8 @@ class Bert(torch.nn.Module):
 
     def _packs(self, mask: Optional[Tensor]) -> bool:
         if mask is None or self.padding_free is False or mask.numel() == 0:
+            return False
+        if mask.device.type == "meta":                # packing needs the mask's values: the padded path serves
             return False
         return bool(self.padding_free) or not bool(mask.all())
 
@@ -297,7 +308,8 @@ def _check_ids(ids: Tensor, name: str, size: int) -> None:
     """Integer ids within the embedding table (an index out of range would fail deep inside torch.embedding)."""
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
-    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < size):
+    # A meta tensor (shape inference, torch.device("meta") models) has no values to check.
+    if ids.numel() and ids.device.type != "meta" and not (0 <= int(ids.min()) and int(ids.max()) < size):
         raise ValueError(f"{name} must lie in [0, {size}), got values from {int(ids.min())} to {int(ids.max())}")
 
 
