@@ -66,9 +66,18 @@ class BertConfig:
             raise CheckpointError(f"{path}: {err}") from err
 
 
+    @classmethod
+    def preset(cls, name: str) -> "BertConfig":
+        """The configuration of a known model by its Hugging Face name (PRESETS), e.g. to build a Bert to load
+        weights into, or on the meta device to size one."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+
 PRESETS = {
-    "bert-base": BertConfig(),
-    "minilm-l6-h384": BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536),
+    "bert-base-uncased": BertConfig(),
+    "all-MiniLM-L6-v2": BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536),
 }
 
 
