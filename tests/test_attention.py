@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ctxkern
-from conftest import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.ops.attention import CUDA_HEAD_DIMS
 from ctxkern.reference import attention_ref, attention_varlen_ref

@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import bundled_model_folder, require_backend
+from helpers import bundled_model_folder, require_backend
 from ctxkern.models import Bert, CheckpointError
 from ctxkern.models.bert import BertConfig
 from random_hf import randomize

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BACKEND_DEVICES, bundled_model_folder, require_backend
+from helpers import BACKEND_DEVICES, bundled_model_folder, require_backend
 from ctxkern import models, nn, ops
 from ctxkern.reference import attention_ref, lstm_cell_ref, masked_mean_pool_ref
 

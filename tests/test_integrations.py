@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BACKEND_DEVICES, bundled_model_folder, require_backend
+from helpers import BACKEND_DEVICES, bundled_model_folder, require_backend
 from ctxkern import integrations, nn, ops
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import ctxkern
-from conftest import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.reference import layer_norm_ref
 

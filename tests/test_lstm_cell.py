@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ctxkern
-from conftest import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.reference import lstm_cell_ref
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_fp32_close
+from helpers import assert_fp32_close
 from ctxkern.models import _linear
 from ctxkern.models._linear import ACTIVATIONS, Linear
 

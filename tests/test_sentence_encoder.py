@@ -11,7 +11,7 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-from conftest import bundled_model_folder
+from helpers import bundled_model_folder
 from ctxkern.models import CheckpointError, SentenceEncoder
 from random_hf import randomize
 
