@@ -1,5 +1,5 @@
 """Attention: every ctxkern backend against SDPA's backends, HF's eager attention and torch.compile (`make bench`)."""
-from conftest import bench_candidate, parametrize_candidates
+from candidates import bench_candidate, parametrize_candidates
 
 
 def pytest_generate_tests(metafunc):

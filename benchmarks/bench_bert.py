@@ -1,6 +1,6 @@
 """Sentence embeddings end to end: ctxkern's SentenceEncoder (padding-free and padded) against
 sentence-transformers' encode and Hugging Face's BertModel (SDPA), same sentences, same model (`make bench`)."""
-from conftest import bench_candidate, parametrize_candidates
+from candidates import bench_candidate, parametrize_candidates
 
 
 def pytest_generate_tests(metafunc):

@@ -1,5 +1,5 @@
 """LayerNorm: every ctxkern backend against torch eager, torch.compile and peers (`make bench`)."""
-from conftest import bench_candidate, parametrize_candidates
+from candidates import bench_candidate, parametrize_candidates
 
 
 def pytest_generate_tests(metafunc):

@@ -1,6 +1,6 @@
 """The LSTM cell and the LSTM layer stack: ctxkern against torch eager, torch.compile, torch.nn.LSTM (cuDNN on a
 GPU) and an eager LSTMCell loop (`make bench`)."""
-from conftest import bench_candidate, parametrize_candidates
+from candidates import bench_candidate, parametrize_candidates
 
 
 def pytest_generate_tests(metafunc):

@@ -1,6 +1,6 @@
 """Masked mean pooling: every ctxkern backend against torch eager, sentence-transformers' Pooling, torch.compile
 of its expression and a bmm (`make bench`)."""
-from conftest import bench_candidate, parametrize_candidates
+from candidates import bench_candidate, parametrize_candidates
 
 
 def pytest_generate_tests(metafunc):

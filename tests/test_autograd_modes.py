@@ -10,7 +10,7 @@ import torch
 from torch.autograd import forward_ad
 
 import ctxkern
-from conftest import BACKEND_DEVICES, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, assert_fp32_close, require_backend
 from ctxkern import ops
 
 KERNEL_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import bundled_model_folder
+from helpers import bundled_model_folder
 from ctxkern.bench import bert, sentences
 from ctxkern.bench.case import check
 

@@ -9,8 +9,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import bundled_model_folder, require_backend
+from helpers import bundled_model_folder, require_backend
 from ctxkern.models import Bert, CheckpointError
+from ctxkern.models.bert import BertConfig
 from random_hf import randomize
 
 # Sentences of different lengths, with punctuation, accents, CJK and an emoji for the tokenizer.
@@ -391,3 +392,12 @@ def test_forward_packed_bad_cu_seqlens_is_named(small_model, cu_seqlens):
 def test_unknown_backend_is_named(good_checkpoint):
     with pytest.raises(ValueError, match="backend.*'fastest'"):
         Bert.from_pretrained(good_checkpoint, backend="fastest")
+
+
+def test_presets_are_the_models_configs():
+    assert BertConfig.preset("all-MiniLM-L6-v2") == BertConfig.from_json(bundled_model_folder() / "config.json")
+    hf = transformers.BertConfig()                  # transformers' defaults are bert-base-uncased's
+    fields = {f: getattr(hf, f) for f in BertConfig.__dataclass_fields__}
+    assert BertConfig.preset("bert-base-uncased") == BertConfig(**fields)
+    with pytest.raises(ValueError, match="unknown BERT preset 'bert-huge'; known: bert-base-uncased"):
+        BertConfig.preset("bert-huge")

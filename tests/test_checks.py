@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import require_backend
+from helpers import require_backend
 from ctxkern import ops
 from ctxkern.ops.attention import CUDA_HEAD_DIMS, MAX_HEAD_DIM, supports_head_dim
 from ctxkern.ops.layer_norm import _FWD as LAYER_NORM_KERNELS

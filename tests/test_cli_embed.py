@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import bundled_model_folder
+from helpers import bundled_model_folder
 from ctxkern.search import DEFAULT_CORPUS
 
 POLYSEMY = ["The bank approved my loan application.", "I sat on the bank of the river.",

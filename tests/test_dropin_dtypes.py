@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import ctxkern
-from conftest import BACKEND_DEVICES, assert_close_for_dtype, assert_low_precision_close, require_backend
+from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_low_precision_close, require_backend
 from ctxkern import ops
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

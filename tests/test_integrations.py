@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BACKEND_DEVICES, bundled_model_folder, require_backend
+from helpers import BACKEND_DEVICES, bundled_model_folder, require_backend
 from ctxkern import integrations, nn, ops
 
 transformers = pytest.importorskip("transformers")
@@ -333,6 +333,28 @@ def test_other_pooling_modes_are_left_alone(model_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+def test_output_attentions_equal_the_eager_models(decoder):
+    """The kernels form no probabilities: a call with output_attentions=True takes eager attention instead
+    (before, the patched model returned an empty tuple)."""
+    torch.manual_seed(0)
+    config = small_config(is_decoder=decoder, attn_implementation="eager")
+    eager = BertModel(config).eval()
+    patched = integrations.patch(BertModel(config).eval())
+    patched.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, config.vocab_size, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:], mask[2, 2:] = 0, 0
+    theirs = eager(ids, attention_mask=mask, output_attentions=True)
+    ours = patched(ids, attention_mask=mask, output_attentions=True)
+    assert len(ours.attentions) == config.num_hidden_layers
+    for a, b in zip(ours.attentions, theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("model", [object(), torch.nn.Linear(2, 2), "bert"], ids=["object", "linear", "str"])
 def test_unsupported_model_raises_type_error(model):

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ctxkern
-from conftest import assert_fp32_close, require_backend
+from helpers import assert_fp32_close, require_backend
 
 INPUT, HIDDEN, PROJ, STEPS, BATCH = 5, 7, 3, 6, 4
 LENGTHS = [5, 2, 6, 1]  # unequal and unsorted: packing sorts them, and h_n must come back in this order

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_fp32_close
+from helpers import assert_fp32_close
 from ctxkern.models import _linear
 from ctxkern.models._linear import ACTIVATIONS, Linear
 
@@ -73,3 +73,14 @@ def test_state_dict_is_torch_linear():
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="activation must be one of .* got 'tanh_exp'"):
         Linear(4, 4, activation="tanh_exp")
+
+
+def test_row_buckets_are_few_and_tight():
+    """oneDNN keeps a primitive per row count it sees, so the rows are padded to row_bucket(m): few distinct
+    counts (32 below 256, 16 per doubling above), at most 1/16 more rows from 256 on."""
+    counts = range(1, 16385)
+    buckets = {m: _linear.row_bucket(m) for m in counts}
+    assert len(set(buckets.values())) <= 32 + 16 * 6
+    for m, b in buckets.items():
+        assert b >= m and _linear.row_bucket(b) == b
+        assert b - m < (8 if m < 256 else m / 16 + 1e-9)

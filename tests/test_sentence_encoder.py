@@ -11,7 +11,7 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-from conftest import bundled_model_folder
+from helpers import bundled_model_folder
 from ctxkern.models import CheckpointError, SentenceEncoder
 from random_hf import randomize
 
@@ -80,6 +80,22 @@ def test_minilm_tokens_and_truncation_match_sentence_transformers(encoders, st_m
     ours = encoders[None].tokenize(SENTENCES)
     assert ours == theirs
     assert len(ours[SENTENCES.index(max(SENTENCES, key=len))]) == 256
+
+
+@pytest.mark.parametrize("max_seq_length", [5, 40])
+def test_setting_max_seq_length_truncates_as_sentence_transformers(max_seq_length):
+    ours, theirs = SentenceEncoder.from_pretrained(), SentenceTransformer(str(bundled_model_folder()), device="cpu")
+    ours.max_seq_length = theirs.max_seq_length = max_seq_length
+    assert ours.max_seq_length == max_seq_length
+    assert max(map(len, ours.tokenize(SENTENCES))) == max_seq_length
+    assert_matches(ours.encode(SENTENCES), theirs.encode(SENTENCES, convert_to_tensor=True))
+
+
+@pytest.mark.parametrize("value", [0, -3, 513, 2.5, True, "64"])
+def test_max_seq_length_out_of_range_is_refused(encoders, value):
+    with pytest.raises(ValueError, match=r"max_seq_length must be an integer from 1 to .*512, got"):
+        encoders[None].max_seq_length = value
+    assert encoders[None].max_seq_length == 256
 
 
 def test_minilm_output_is_float32_and_unit_length(encoders):

@@ -70,14 +70,35 @@ def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _eager_fallback(module, query, key, value, attention_mask, causal: bool, dropout: float, scaling, **kwargs):
+    """output_attentions=True: the probabilities are an output, and the kernels never form them; transformers'
+    eager attention does, given its additive mask (0 = attend, the dtype's most negative value = masked)."""
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    if attention_mask is None and causal:
+        sq, sk = query.shape[-2], key.shape[-2]
+        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :]                 # (B, 1, 1, Sk)
+        if not attention_mask.is_floating_point():
+            attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                attention_mask == 0, torch.finfo(query.dtype).min)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   **kwargs)
+
+
 def ctxkern_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: query (B, H, Sq, D), key and value (B, H, Sk, D); returns
-    (output (B, Sq, H, D), None) as SDPA's function does (no attention probabilities are formed)."""
+    (output (B, Sq, H, D), None) as SDPA's function does (no attention probabilities are formed), or, when the
+    call asks for output_attentions, eager attention's (output, probabilities (B, H, Sq, Sk))."""
     backend = getattr(module, "ctxkern_backend", "auto")
     # SDPA's rule: a module that does not say otherwise is causal.
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if kwargs.get("output_attentions"):
+        return _eager_fallback(module, query, key, value, attention_mask, causal, dropout, scaling, **kwargs)
     key_padding_mask = attention_mask
     if attention_mask is not None and attention_mask.dim() == 4 and not causal:
         key_padding_mask = _padding_rows(attention_mask)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ctxkern import _dispatch, nn, ops
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
-from ctxkern.models._linear import ACTIVATIONS, Linear
+from ctxkern.models._linear import ACTIVATIONS, Linear, row_bucket
 from ctxkern.ops._checks import check_cu_seqlens, check_max_seqlen, check_offsets, cu_seqlens_values
 
 
@@ -67,9 +67,18 @@ class BertConfig:
             raise CheckpointError(f"{path}: {err}") from err
 
 
+    @classmethod
+    def preset(cls, name: str) -> "BertConfig":
+        """The configuration of a known model by its Hugging Face name (PRESETS), e.g. to build a Bert to load
+        weights into, or on the meta device to size one."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+
 PRESETS = {
-    "bert-base": BertConfig(),
-    "minilm-l6-h384": BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536),
+    "bert-base-uncased": BertConfig(),
+    "all-MiniLM-L6-v2": BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536),
 }
 
 
@@ -182,6 +191,15 @@ class Bert(torch.nn.Module):
 
     def _run_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids) -> Tensor:
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)           # (T, H)
+        total = len(hidden)
+        if self.layers and self.layers[0].qkv.onednn_serves(hidden) and row_bucket(total) != total:
+            # oneDNN's linear layers see row_bucket(T) rows (models/_linear.py); padding once here saves each of
+            # them the copy. The zero rows are one-token sentences of their own, so no real token attends to
+            # them; they are dropped at the end.
+            extra = row_bucket(total) - total
+            hidden = F.pad(hidden, (0, 0, 0, extra))                                 # (bucket, H)
+            tail = cu_seqlens[-1] + torch.arange(1, extra + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+            cu_seqlens = torch.cat([cu_seqlens, tail])
 
         def attend(q, k, v):                                                          # (T, heads, head_dim)
             return ops.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -189,7 +207,7 @@ class Bert(torch.nn.Module):
 
         for layer in self.layers:
             hidden = layer(hidden, attend)
-        return hidden
+        return hidden[:total]
 
     # -- helpers
 
@@ -220,6 +238,8 @@ class Bert(torch.nn.Module):
 
     def _packs(self, mask: Optional[Tensor]) -> bool:
         if mask is None or self.padding_free is False or mask.numel() == 0:
+            return False
+        if mask.device.type == "meta":                # packing needs the mask's values: the padded path serves
             return False
         return bool(self.padding_free) or not bool(mask.all())
 
@@ -295,7 +315,8 @@ def _check_ids(ids: Tensor, name: str, size: int) -> None:
     """Integer ids within the embedding table (an index out of range would fail deep inside torch.embedding)."""
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
-    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < size):
+    # A meta tensor (shape inference, torch.device("meta") models) has no values to check.
+    if ids.numel() and ids.device.type != "meta" and not (0 <= int(ids.min()) and int(ids.max()) < size):
         raise ValueError(f"{name} must lie in [0, {size}), got values from {int(ids.min())} to {int(ids.max())}")
 
 

@@ -7,6 +7,7 @@ built, the encoder runs padding-free and the pooling reads the packed states (no
 """
 from __future__ import annotations
 
+import numbers
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -78,9 +79,24 @@ class SentenceEncoder(torch.nn.Module):
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
         self.bert, self.tokenizer = bert, tokenizer
-        self.max_seq_length, self.pooling, self.normalize = max_seq_length, pooling, normalize
+        self.pooling, self.normalize = pooling, normalize
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_seq_length)
+        self.max_seq_length = max_seq_length
+
+    @property
+    def max_seq_length(self) -> int:
+        """Tokens kept per sentence, [CLS] and [SEP] included; longer ones are truncated (sentence-transformers'
+        max_seq_length). Settable, between 1 and the model's max_position_embeddings."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        limit = self.bert.config.max_position_embeddings
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ValueError(f"max_seq_length must be an integer from 1 to the model's max_position_embeddings "
+                             f"{limit}, got {value!r}")
+        self._max_seq_length = int(value)
+        self.tokenizer.enable_truncation(self._max_seq_length)
 
     @property
     def dim(self) -> int:
