@@ -38,8 +38,9 @@ $(VENV)/.deps: requirements.txt
 	$(PY) -m pip install -r requirements.txt -c $(VENV)/constraints.txt
 	touch $@
 
+# The README's install command as written (its requirements are already in place: nothing is fetched).
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --no-build-isolation -e ".[models]" -c $(VENV)/constraints.txt
 	touch $@
 
 # Every built module (ctxkern/_C and each ctxkern/_cpu_<isa>, as `pip install -e .` writes them in place) and

@@ -18,7 +18,7 @@ torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 
 
 def eager_cell(ig, hg, c, bias):
-    """ctxkern/bench/lstm.py's eager composition of one LSTM step."""
+    """ctxkern/bench/lstm_cell.py's eager composition of one LSTM step."""
     gates = ig + hg + bias
     i, f, g, o = gates.chunk(4, 1)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)

@@ -5,11 +5,13 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from ctxkern import _dispatch
 from ctxkern import ops
-from ctxkern.lstm import LSTM
+from ctxkern.ops import _autograd_modes, lstm_cell
 from ctxkern.reference import layer_norm_ref
 
 __all__ = ["LayerNorm", "LSTM", "MaskedMeanPool"]
@@ -90,3 +92,188 @@ class MaskedMeanPool(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}, backend={self.backend!r}"
+
+
+# ----------------------------------------------------------------------------- LSTM
+# ctxkern.nn.LSTM: torch.nn.LSTM on the fused LSTM cell, plus AllenNLP's cell and projection clipping.
+#
+# Per layer and direction, the input projection of every time step is one matrix product up front; each step
+# is then one matrix product for the recurrent input, the fused cell (ops.lstm_cell) and, with proj_size, the
+# projection. Padded tensors and PackedSequence run the same loop over a packed layout: time-major rows where
+# step t holds the batch_sizes[t] sequences still running, a prefix of the batch because a PackedSequence is
+# sorted by decreasing length. So the reverse direction, walking t from the end, picks up each sequence at its
+# own last token (its rows keep h0/c0 until then), and the forward direction leaves each sequence's state at
+# its own last step, which is h_n/c_n.
+# Autograd flows through the Python time loop. When nothing needs a gradient and the cpu backend serves, the
+# loop runs instead inside the operator torch.ops.ctxkern.lstm_layer_fwd (the same steps in C++, into
+# preallocated buffers), because on a CPU the per-step Python overhead costs as much as a small step.
+
+def _check_clip(value: Optional[float], name: str) -> Optional[float]:
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"{name} must be a number >= 0 or None, got {value!r}")
+    return None if value is None else float(value)
+
+
+class LSTM(torch.nn.LSTM):
+    """torch.nn.LSTM (same constructor, parameters, initialization, state_dict and outputs) on ctxkern's cell.
+
+    Keyword-only extras: cell_clip clamps the memory cell to +-cell_clip before its tanh, proj_clip clamps the
+    projected output (it needs proj_size > 0), as AllenNLP's LSTM with projection; backend picks the cell's
+    ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded tensor or a PackedSequence.
+    Input and parameters share a dtype, as torch.nn.LSTM requires: float32, float16, bfloat16 (the kernels) or
+    float64 (the cell's reference).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
+                 backend: str = "auto") -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+                         device=device, dtype=dtype)
+        self.cell_clip = _check_clip(cell_clip, "cell_clip")
+        self.proj_clip = _check_clip(proj_clip, "proj_clip")
+        if self.proj_clip is not None and proj_size == 0:
+            raise ValueError("proj_clip clamps the projected output, so it needs proj_size > 0")
+        self.backend = _dispatch.check_choice(backend)
+
+    def extra_repr(self) -> str:
+        extra = [f"{name}={getattr(self, name)}" for name in ("cell_clip", "proj_clip")
+                 if getattr(self, name) is not None]
+        return ", ".join([super().extra_repr(), *extra, f"backend={self.backend!r}"])
+
+    # ----------------------------------------------------------------------------------------- checks
+
+    def _check_input(self, data: Tensor, name: str = "input") -> None:
+        if data.shape[-1] != self.input_size:
+            raise ValueError(f"{name} must have input_size = {self.input_size} features in its last dim, "
+                             f"got shape {tuple(data.shape)}")
+        weight = self.weight_ih_l0
+        if data.dtype != weight.dtype or data.device != weight.device:
+            raise ValueError(f"{name} must have the parameters' dtype {weight.dtype} and device {weight.device}, "
+                             f"got {data.dtype} on {data.device}")
+
+    def _initial_state(self, hx, batch: int, like: Tensor, unbatched: bool) -> tuple[Tensor, Tensor]:
+        """(h0, c0) as (num_layers * num_directions, batch, P or H), zeros when hx is None."""
+        ndir = 2 if self.bidirectional else 1
+        out_size = self.proj_size or self.hidden_size
+        shapes = {"h0": (self.num_layers * ndir, batch, out_size), "c0": (self.num_layers * ndir, batch,
+                                                                           self.hidden_size)}
+        if hx is None:
+            return tuple(like.new_zeros(shape) for shape in shapes.values())
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError(f"hx must be a tuple (h0, c0), got {type(hx).__name__}")
+        state = []
+        for (name, shape), t in zip(shapes.items(), hx):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            expected = (shape[0], shape[2]) if unbatched else shape
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+            if t.dtype != like.dtype or t.device != like.device:
+                raise ValueError(f"{name} must have input's dtype {like.dtype} and device {like.device}, "
+                                 f"got {t.dtype} on {t.device}")
+            state.append(t.unsqueeze(1) if unbatched else t)
+        return state[0], state[1]
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        if packed:
+            data, batch_sizes_t, sorted_indices, unsorted_indices = input
+            self._check_input(data, "input.data")
+            batch_sizes = batch_sizes_t.tolist()
+            batch = batch_sizes[0] if batch_sizes else 0
+        else:
+            layouts = ("a 3-D (T, B, input_size) tensor ((B, T, input_size) with batch_first), a 2-D unbatched "
+                       "(T, input_size) one, or a PackedSequence")
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be {layouts}; got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input must be {layouts}; got shape {tuple(input.shape)}")
+            self._check_input(input)
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+            steps, batch = x.shape[0], x.shape[1]
+            data = x.reshape(steps * batch, self.input_size)  # (T * B, I), time-major like packed data
+            batch_sizes = [batch] * steps
+            sorted_indices = unsorted_indices = None
+
+        h0, c0 = self._initial_state(hx, batch, data, unbatched)
+        if sorted_indices is not None:
+            # The caller's state is in the caller's batch order; the packed rows are sorted by length.
+            h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        out, h_n, c_n = self._run(data, batch_sizes, h0, c0)
+
+        if unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        if packed:
+            return PackedSequence(out, batch_sizes_t, sorted_indices, unsorted_indices), (h_n, c_n)
+        out = out.view(len(batch_sizes), batch, out.shape[-1])  # (T, B, D * P)
+        if unbatched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (out.transpose(0, 1) if self.batch_first else out), (h_n, c_n)
+
+    def _run(self, data: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor):
+        """All layers over packed rows data (N, I) -> (output (N, D * P), h_n, c_n)."""
+        ndir = 2 if self.bidirectional else 1
+        offsets = [0]
+        for n in batch_sizes:
+            offsets.append(offsets[-1] + n)
+        h_n, c_n = [], []
+        layer_input = data
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(ndir):
+                k = layer * ndir + direction
+                out, h, c = self._run_direction(layer_input, batch_sizes, offsets, h0[k], c0[k], layer, direction)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outs[0] if ndir == 1 else torch.cat(outs, dim=1)  # (N, D * P)
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    def _recurrence_in_cpp(self, *tensors: Optional[Tensor]) -> bool:
+        """Whether the time loop can run as the CPU operator lstm_layer_fwd: it has no autograd, so only when
+        nothing needs a gradient; it saves the Python overhead of each step, which on a CPU rivals the step."""
+        if _dispatch.resolve(self.backend, tensors[0].device) != "cpu":
+            return False
+        if _autograd_modes.reference_needed(tensors[0].dtype):
+            # float64, forward-mode AD or a torch.func transform: the cell's reference serves, step by step.
+            return False
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+    def _run_direction(self, x: Tensor, batch_sizes: list[int], offsets: list[int], h: Tensor, c: Tensor,
+                       layer: int, direction: int):
+        """One layer, one direction over packed rows x (N, I_layer) -> (out (N, P), h_n (B, P), c_n (B, H))."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+        bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix) if self.bias else None
+
+        gates_in = torch.mm(x, w_ih.t())  # (N, 4H): the input projection of every step at once
+        if self._recurrence_in_cpp(x, h, c, w_ih, w_hh, w_hr, bias):
+            return torch.ops.ctxkern.lstm_layer_fwd(gates_in, batch_sizes, h, c, w_hh, w_hr, bias, self.cell_clip,
+                                                    self.proj_clip, direction == 1)
+        w_hh_t = w_hh.t()
+        w_hr_t = None if w_hr is None else w_hr.t()
+        outs: list[Optional[Tensor]] = [None] * len(batch_sizes)
+        steps = range(len(batch_sizes) - 1, -1, -1) if direction == 1 else range(len(batch_sizes))
+        for t in steps:
+            n, start = batch_sizes[t], offsets[t]
+            h_cell, c_new = lstm_cell(gates_in[start:start + n], torch.mm(h[:n], w_hh_t), c[:n], bias,
+                                      cell_clip=self.cell_clip, backend=self.backend)
+            h_new = h_cell if w_hr_t is None else torch.mm(h_cell, w_hr_t)
+            if self.proj_clip is not None:
+                h_new = h_new.clamp(-self.proj_clip, self.proj_clip)
+            outs[t] = h_new
+            if n < h.shape[0]:
+                # Rows n.. are sequences that have ended (forward) or not yet begun (reverse): state kept.
+                h, c = torch.cat((h_new, h[n:])), torch.cat((c_new, c[n:]))
+            else:
+                h, c = h_new, c_new
+        out = torch.cat(outs) if outs else x.new_empty((0, w_hr.shape[0] if w_hr is not None else self.hidden_size))
+        return out, h, c

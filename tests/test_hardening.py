@@ -351,12 +351,12 @@ def test_ops_on_meta_tensors_with_a_device_backend_say_why_not(op, backend):
         META_CALLS[op][0](backend)
 
 
-@pytest.mark.xfail(strict=True, reason="ops/_checks: cu_seqlens' values are read (.tolist()) on the meta device: "
-                                       "'Cannot copy out of meta tensor' names no argument")
-@pytest.mark.parametrize("op", list(META_VARLEN_CALLS))
-def test_varlen_ops_on_meta_cu_seqlens_name_the_argument(op):
-    with pytest.raises((ValueError, RuntimeError), match="cu_seqlens"):
-        META_VARLEN_CALLS[op]()
+@pytest.mark.parametrize("op,shape", [("masked_mean_pool_varlen", (3, 96)), ("attention_varlen", (13, 3, 32))])
+def test_varlen_ops_on_meta_give_meta_outputs(op, shape):
+    """cu_seqlens on meta has no values to check or read: the operator's fake gives the output's shape. (A meta
+    cu_seqlens beside real tensors is refused, naming it: tests/test_checks.py.)"""
+    out = META_VARLEN_CALLS[op]()
+    assert (tuple(out.shape), out.device.type) == (shape, "meta")
 
 
 def test_nn_modules_built_on_meta_run_on_meta():
