@@ -98,6 +98,23 @@ __device__ __forceinline__ void row_scale(float amax, float* up, float* down) {
   *down = __int_as_float((127 - k) << 23);
 }
 
+// Thread t's part of a row's sum of (s - mean)^2, over its chunks inside the row (layer_norm_fwd_row's layout).
+template <int VEC, int ITERS, int TEAM>
+__device__ __forceinline__ float centered_squares(const float (&v)[ITERS][VEC], float mean, int N, int t) {
+  float sq = 0.f;
+#pragma unroll
+  for (int c = 0; c < ITERS; ++c) {
+    if ((c * TEAM + t) * VEC < N) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = v[c][j] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  return sq;
+}
+
 // One forward row by a team of TEAM threads, thread t of the team. Thread t owns chunks c = 0..ITERS-1, chunk c
 // being the VEC columns from (c * TEAM + t) * VEC: consecutive threads touch consecutive VEC-wide pieces, so
 // each chunk is one coalesced sweep of the team. The row stays in registers from the load to the output, so
@@ -133,19 +150,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
   }
   float mean = team_sum(sum) / static_cast<float>(N);
 
-  float sq = 0.f;
-#pragma unroll
-  for (int c = 0; c < ITERS; ++c) {
-    const int col = (c * TEAM + t) * VEC;
-    if (col < N) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float d = v[c][j] - mean;
-        sq += d * d;
-      }
-    }
-  }
-  const float m2 = team_sum(sq);
+  const float m2 = team_sum(centered_squares<VEC, ITERS, TEAM>(v, mean, N, t));
   float rstd = rsqrtf(m2 / static_cast<float>(N) + eps);
   if (t == 0) {
     *mean_out = mean;
@@ -171,18 +176,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
       }
     }
     mean = team_sum(sum_t) / static_cast<float>(N);
-    float sq_t = 0.f;
-#pragma unroll
-    for (int c = 0; c < ITERS; ++c) {
-      const int col = (c * TEAM + t) * VEC;
-      if (col < N) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float d = v[c][j] - mean;
-          sq_t += d * d;
-        }
-      }
-    }
+    const float sq_t = centered_squares<VEC, ITERS, TEAM>(v, mean, N, t);
     // eps * 2^-2k as (eps * down) * down: with eps = 0 it stays 0 (never 0 * inf).
     rstd = rsqrtf(team_sum(sq_t) / static_cast<float>(N) + eps * down * down);
     // The statistics of s itself, for the backward: exact rescalings, normal while 2^-k / std(s) is.
