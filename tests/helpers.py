@@ -20,6 +20,10 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, cuda_only]),
 ]
 
+# The kernel backends (not the torch reference) on each device: opcheck and torch.compile check each
+# operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
+
 
 def bundled_model_folder():
     """The bundled all-MiniLM-L6-v2 folder. Every CPU machine has it (requirements.txt), and a test there fails

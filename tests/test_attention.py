@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.ops.attention import CUDA_HEAD_DIMS
 from ctxkern.reference import attention_ref, attention_varlen_ref
@@ -237,10 +237,6 @@ def test_empty_input_gives_empty_output(backend, device, b, sq, sk):
 
 
 # ----------------------------------------------------------------------------- operators and compile
-
-# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
-# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
-KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
 def _operators(backend):

@@ -10,10 +10,9 @@ import torch
 from torch.autograd import forward_ad
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, KERNEL_DEVICES, assert_fp32_close, require_backend
 from ctxkern import ops
 
-KERNEL_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 HEAD_DIM = 32  # the smallest head dim the cuda backend's kernels are built for
 
 
@@ -93,7 +92,7 @@ def _gradient_penalty(f, backend, inputs, n_diff, cot):
     return [penalty, *torch.autograd.grad(penalty, leaves, materialize_grads=True)]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_double_backward_matches_float64_reference(name, backend, device):
     inputs, n_diff, f = _setup(name, backend, device)
@@ -104,7 +103,7 @@ def test_double_backward_matches_float64_reference(name, backend, device):
     _assert_all_close(got, want)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_double_backward_in_the_output_gradient(name, backend, device):
     """The first backward is linear in the output gradient: its derivative in it must flow too (gradgradcheck
@@ -121,7 +120,7 @@ def test_double_backward_in_the_output_gradient(name, backend, device):
     _assert_all_close(run(backend, inputs, cot), run("torch", _f64(inputs), cot.double()))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_func_jvp_matches_float64_reference(name, backend, device):
     inputs, n_diff, f = _setup(name, backend, device)
@@ -133,7 +132,7 @@ def test_func_jvp_matches_float64_reference(name, backend, device):
     _assert_all_close(jvp(backend, inputs, tangents), jvp("torch", _f64(inputs), _f64(tangents)))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_forward_ad_dual_tensors_match_float64_reference(name, backend, device):
     inputs, n_diff, f = _setup(name, backend, device)
@@ -148,7 +147,7 @@ def test_forward_ad_dual_tensors_match_float64_reference(name, backend, device):
     _assert_all_close(jvp(backend, inputs, tangents), jvp("torch", _f64(inputs), _f64(tangents)))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_func_jacrev_and_hessian_match_float64_reference(name, backend, device):
     inputs, n_diff, f = _setup(name, backend, device)
@@ -166,7 +165,7 @@ def test_func_jacrev_and_hessian_match_float64_reference(name, backend, device):
     _assert_all_close(transforms(backend, inputs, cot), transforms("torch", _f64(inputs), cot.double()))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", CASES)
 def test_vmap_matches_a_loop(name, backend, device):
     inputs, n_diff, f = _setup(name, backend, device)
@@ -187,7 +186,7 @@ def test_gradgradcheck_in_float64(name):
     assert torch.autograd.gradgradcheck(fn, leaves, check_fwd_over_rev=True, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nn_layer_norm_gradient_penalty_matches_torch(backend, device):
     """The finding: a gradient penalty through nn.LayerNorm gave 0 where torch.nn.LayerNorm gives the value."""
     require_backend(backend)
@@ -208,7 +207,7 @@ def test_nn_layer_norm_gradient_penalty_matches_torch(backend, device):
     _assert_all_close(penalty(ours, x), penalty(theirs, x.double()))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nn_lstm_in_every_autograd_mode_matches_torch(backend, device):
     """nn.LSTM through the cell: gradient penalty, jvp and jacrev against torch.nn.LSTM in float64 (on the CPU:
     cuDNN's LSTM has no double backward)."""

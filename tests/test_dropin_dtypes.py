@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_low_precision_close, require_backend
+from helpers import (BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_low_precision_close,
+                     require_backend)
 from ctxkern import ops
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 _ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
 
 
@@ -54,7 +54,7 @@ def _run(module, x, dy):
     return [t.cpu() for t in (y, x.grad, module.weight.grad, module.bias.grad)]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("p_dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("x_dtype", DTYPES, ids=_ids)
 def test_layer_norm_runs_what_torch_runs(x_dtype, p_dtype, backend, device):
@@ -73,7 +73,7 @@ def test_layer_norm_runs_what_torch_runs(x_dtype, p_dtype, backend, device):
         _assert_close(g, r, w)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("x_dtype", (torch.float16, torch.bfloat16), ids=_ids)
 def test_layer_norm_mixed_precision_with_residual(x_dtype, backend, device):
     """ctxkern's residual (in the input's dtype) with float32 parameters: LayerNorm of the float32 sum."""
@@ -123,7 +123,7 @@ def _lstm_outputs(module, x, lengths, grad, dtype):
     return [t.cpu() for t in (out, h, c, x.grad, module.weight_hh_l1.grad)]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 @pytest.mark.parametrize("grad", (True, False), ids=("grad", "no-grad"))
 @pytest.mark.parametrize("packed", (False, True), ids=("padded", "packed"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, max_err, require_backend
+from helpers import (BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_fp32_close, max_err,
+                     require_backend)
 from ctxkern import ops
 from ctxkern.reference import layer_norm_ref
 
@@ -179,10 +180,6 @@ def test_cpu_outputs_past_the_cache_size(dtype):
 
 # ----------------------------------------------------------------------------- operators and compile
 
-# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
-# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
-KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
-
 
 def _op_pairs(backend):
     if backend == "triton":
@@ -314,8 +311,6 @@ def test_nn_layer_norm_residual_and_bad_shape():
 
 # ----------------------------------------------------------------------------- huge, tiny and non-finite rows
 
-KERNEL_BACKEND_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
-
 
 def assert_fp32_relative(out, ref, rel=1e-5):
     """assert_fp32_close for values of any magnitude: the error relative to the reference's own scale (a
@@ -385,7 +380,7 @@ def test_non_finite_row_gives_nan_like_torch(backend, device, bad, variant):
     assert_fp32_close(y[keep], layer_norm_ref(f64(x[keep]), f64(w), f64(b), 1e-5, None if r is None else f64(r[keep])))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_long_rows_are_as_accurate_as_torch(backend, device):
     """At N = 100000 (Triton: its maximum, 65536) the statistics are as accurate as torch's own fp32 LayerNorm.
 

@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.reference import lstm_cell_ref
 
@@ -182,10 +182,6 @@ def test_cpu_dbias_is_deterministic():
 
 
 # ----------------------------------------------------------------------------- operators and compile
-
-# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
-# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
-KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
 def _op_pairs(backend):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import ctxkern
-from helpers import BACKEND_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
+from helpers import BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.reference import masked_mean_pool_ref, masked_mean_pool_varlen_ref
 
@@ -230,10 +230,6 @@ def test_matches_sentence_transformers_pooling_and_normalize(backend, device, no
 
 
 # ----------------------------------------------------------------------------- operators and compile
-
-# The kernel backends (not the torch reference) on each device, for the operator-level tests: opcheck and
-# torch.compile check each operator's fake against its kernel, on the CPU and, where there is a GPU, on CUDA.
-KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
 
 
 def _operators(backend):
