@@ -38,12 +38,14 @@
 #                                      is the sum of each extension's longest file, ops.cpp 55 + module.cpp
 #                                      46 + 46 = ~150 s, plus 3 links and pip's own work
 #   smoke                60       10   `ctxkern info`; the cuda and triton backends must be available
-#   tests-kernels       180     ~100   `pytest -m cuda -k "not torch-cuda"`: 648 tests (the cuda and triton
-#                                      backends; `-m cuda` collects 972, all skipped on a CPU machine). Their
-#                                      cpu-backend twins (324 tests) took 111 s here, loaded; on the GPU the
+#   tests-kernels       180     ~150   `pytest -m cuda -k "not torch-cuda"`: 958 tests at 2026-12-01 (the cuda and
+#                                      triton backends, opcheck and torch.compile on CUDA among them; `-m cuda`
+#                                      collects 1338, all skipped on a CPU machine). When 648 of them existed,
+#                                      their cpu-backend twins (324) took 111 s here, loaded; on the GPU the
 #                                      time is mostly Triton's JIT compiles: 0.26 CPU s per kernel
 #                                      specialization here (tests/test_triton_compile.py, 174 compiles in
-#                                      45.6 s), a few hundred specializations, over 8 xdist workers
+#                                      45.6 s), a few hundred specializations, over 8 xdist workers; the phase
+#                                      may be cut at its limit (each test's outcome is in the log as it ends)
 #   bench-<op>   150 each  ~170+120 `ctxkern bench --device cuda --no-compile --op <op>` in the order layer_norm,
 #                                      attention, masked_mean_pool, lstm_cell, lstm, bert: 45 cases of 3 to 8
 #                                      candidates (layer_norm 12, attention 12, masked_mean_pool 6, lstm_cell 8,
@@ -52,7 +54,7 @@
 #                                      flushed), bert's ~4 s (a call encodes 256 sentences): ~170 s before
 #                                      bert, ~120 s for bert; torch.compile left out (its compiles would take
 #                                      minutes)
-#   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 324 tests of the torch backend on CUDA
+#   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 372 tests of the torch backend on CUDA
 #
 #   deadline 480 s (8 minutes): every limit is cut to what is left of it, less 15 s (10 for `timeout -k`, 5 for
 #   the summary), so the call ends within 8 minutes and keeps 2 of the 10 spare. Expected: through bench-lstm
