@@ -57,9 +57,10 @@
 #   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 372 tests of the torch backend on CUDA
 #
 #   deadline 480 s (8 minutes): every limit is cut to what is left of it, less 15 s (10 for `timeout -k`, 5 for
-#   the summary), so the call ends within 8 minutes and keeps 2 of the 10 spare. Expected: through bench-lstm
-#   in about 7.6 minutes (5 + 170 + 10 + 100 + 170 s); bench-bert and tests-torch-cuda get what is left and are
-#   recorded as cut (exit 124) or skipped: for a second call, GPU_CHECK_TESTS=torch-cuda GPU_CHECK_OPS=bert.
+#   the summary), so the call ends within 8 minutes and keeps 2 of the 10 spare. Expected: build, smoke and
+#   the kernel tests in about 5.6 minutes (5 + 170 + 10 + 150 s), then the benchmarks one op at a time until the
+#   deadline (about 30 s each before bert): lstm, bert and tests-torch-cuda are likely recorded as cut (exit
+#   124) or skipped; a second call runs them: GPU_CHECK_TESTS=torch-cuda GPU_CHECK_OPS="lstm bert".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-${1:-}}
