@@ -286,9 +286,7 @@ def test_non_finite_real_token_attends_as_torch(backend, device, where, request)
 
 
 @pytest.mark.parametrize("cell_clip", [None, 3.0])
-@pytest.mark.parametrize("backend,device", xfail_on(
-    BACKEND_DEVICES, {"triton-interpreted"},
-    "kernels/lstm_cell.py: a NaN gate (inf - inf) does not reach h and c_new (torch: NaN)"))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_non_finite_lstm_cell_as_torch(backend, device, cell_clip):
     require_backend(backend)
     h = 16
