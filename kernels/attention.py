@@ -58,14 +58,21 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(len(rows), len(cols)) bool: query row i may see key j (in range, not padding, not after the diagonal)."""
-    ok = (cols < k_len)[None, :]
+def _real_keys(cols, b, k_len, Mask, stride_mask_b, HAS_MASK: tl.constexpr):
+    """(len(cols),) bool: key j is in range and not padding. K and V tiles are loaded under it, so padding
+    is never read: its P is 0, but 0 * NaN (or inf) in P V or dS K would still poison the row."""
+    real = cols < k_len
+    if HAS_MASK:
+        real = real & (tl.load(Mask + b.to(tl.int64) * stride_mask_b + cols, mask=real, other=0) != 0)
+    return real
+
+
+@triton.jit
+def _allowed(rows, cols, real, k_len, q_len, CAUSAL: tl.constexpr):
+    """(len(rows), len(cols)) bool: query row i may see key j (real, not after the diagonal)."""
+    ok = real[None, :]
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None] + (k_len - q_len))
-    if HAS_MASK:
-        keep = tl.load(Mask + b.to(tl.int64) * stride_mask_b + cols, mask=cols < k_len, other=0)
-        ok = ok & (keep != 0)[None, :]
     return ok
 
 
@@ -114,11 +121,12 @@ def _fwd_key_block(acc, m_i, l_i, q, K, V, start_n, rows, offs_n, dims, dim_ok, 
     cols = start_n + offs_n
     kv_mask = dim_ok[None, :]
     if MASKED:
-        kv_mask = kv_mask & (cols < k_len)[:, None]
+        real = _real_keys(cols, b, k_len, Mask, stride_mask_b, HAS_MASK)
+        kv_mask = kv_mask & real[:, None]
     k = _load_rows(K, cols, dims, stride_ks, kv_mask)
     s = _dot(q, tl.trans(k), PRECISION) * qk_scale_log2
     if MASKED:
-        s = tl.where(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK), s, float("-inf"))
+        s = tl.where(_allowed(rows, cols, real, k_len, q_len, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no allowed key yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -276,8 +284,11 @@ def _attention_bwd_dkdv_kernel(
     tile_mask = col_ok[:, None] & dim_ok[None, :]
     b64 = b.to(tl.int64)
     k_rows = (k_start + cols).to(tl.int64)
-    k = _load_rows(K + b64 * stride_kb + h * stride_kh, k_start + cols, dims, stride_ks, tile_mask)
-    v = _load_rows(V + b64 * stride_vb + h * stride_vh, k_start + cols, dims, stride_vs, tile_mask)
+    # Padding keys load as zeros (their dk, dv come out 0); the block's keys are fixed, so once per program.
+    real = _real_keys(cols, b, k_len, Mask, stride_mask_b, HAS_MASK)
+    kv_mask = real[:, None] & dim_ok[None, :]
+    k = _load_rows(K + b64 * stride_kb + h * stride_kh, k_start + cols, dims, stride_ks, kv_mask)
+    v = _load_rows(V + b64 * stride_vb + h * stride_vh, k_start + cols, dims, stride_vs, kv_mask)
     Q += b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
     DOut += b64 * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
     Lse += b64 * stride_lb + h * stride_lh + q_start
@@ -302,7 +313,7 @@ def _attention_bwd_dkdv_kernel(
         # +inf for rows out of range makes their P exactly 0, like rows that see no key.
         lse = tl.load(Lse + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        allowed_t = tl.trans(_allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK))
+        allowed_t = tl.trans(_allowed(rows, cols, real, k_len, q_len, CAUSAL))
         p_t = _bwd_probs(k, q, lse[None, :], allowed_t, scale * LOG2E, PRECISION)
         dv += _dot(p_t.to(do.dtype), do, PRECISION)
         ds_t = _bwd_dscores(p_t, v, do, delta[None, :], PRECISION)
@@ -362,10 +373,11 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < k_len)[:, None] & dim_ok[None, :]
+        real = _real_keys(cols, b, k_len, Mask, stride_mask_b, HAS_MASK)
+        kv_mask = real[:, None] & dim_ok[None, :]
         k = _load_rows(K, cols, dims, stride_ks, kv_mask)
         v = _load_rows(V, cols, dims, stride_vs, kv_mask)
-        allowed = _allowed(rows, cols, b, k_len, q_len, Mask, stride_mask_b, CAUSAL, HAS_MASK)
+        allowed = _allowed(rows, cols, real, k_len, q_len, CAUSAL)
         p = _bwd_probs(q, k, lse[:, None], allowed, scale * LOG2E, PRECISION)
         ds = _bwd_dscores(p, do, v, delta[:, None], PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)

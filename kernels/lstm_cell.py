@@ -32,6 +32,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _clip(x, clip):
+    # torch.clamp keeps a NaN; the default minimum/maximum would turn it into a bound (or -inf, without a clip).
+    return tl.clamp(x, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _activations(IG, HG, C, Bias, rows64, cols, mask, stride_ig, stride_hg, stride_c, hidden, clip,
                  HAS_BIAS: tl.constexpr):
     """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), c, the unclamped c_raw and tanh(clamp(c_raw)) of a tile."""
@@ -55,7 +61,7 @@ def _activations(IG, HG, C, Bias, rows64, cols, mask, stride_ig, stride_hg, stri
     g = _tanh(pre_g)
     o = tl.sigmoid(pre_o)
     c_raw = f * c + i * g
-    tanh_c = _tanh(tl.minimum(tl.maximum(c_raw, -clip), clip))
+    tanh_c = _tanh(_clip(c_raw, clip))
     return i, f, g, o, c, c_raw, tanh_c
 
 
@@ -87,7 +93,7 @@ def _lstm_cell_fwd_kernel(
                                                 stride_c, hidden, clip, HAS_BIAS)
     out = rows64[:, None] * hidden + cols[None, :]
     tl.store(Hout + out, (o * tanh_c).to(Hout.dtype.element_ty), mask=mask)
-    tl.store(Cout + out, tl.minimum(tl.maximum(c_raw, -clip), clip).to(Cout.dtype.element_ty), mask=mask)
+    tl.store(Cout + out, _clip(c_raw, clip).to(Cout.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,9 +132,10 @@ def _lstm_cell_bwd_kernel(
     dcn = tl.load(DCN + rows64[:, None] * stride_dcn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     dc_clamped = dcn + dh * o * (1.0 - tanh_c * tanh_c)
-    # torch.clamp's gradient passes where -clip <= c_raw <= clip, the bounds included. Masked lanes have
+    # torch.clamp's gradient passes where -clip <= c_raw <= clip, the bounds included (not at a NaN c_raw);
+    # without a clip (clip = inf) there is no clamp and it passes everywhere, NaN included. Masked lanes have
     # dh = dcn = 0, so every gradient below is 0 there and the column sums need no extra select.
-    dc_raw = tl.where(tl.abs(c_raw) <= clip, dc_clamped, 0.0)
+    dc_raw = tl.where((tl.abs(c_raw) <= clip) | (clip == float("inf")), dc_clamped, 0.0)
     di = dc_raw * g * i * (1.0 - i)
     df = dc_raw * c * f * (1.0 - f)
     dg = dc_raw * i * (1.0 - g * g)

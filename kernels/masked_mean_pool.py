@@ -75,7 +75,9 @@ def _masked_mean_pool_fwd_kernel(
     if NORMALIZE:
         tl.store(Mean + b * D + cols, mean, mask=col_mask)
         norm = tl.sqrt_rn(tl.sum(mean * mean, axis=0))
-        mean = mean / tl.maximum(norm, 1e-12)
+        # propagate_nan: the default maximum drops a NaN norm (picks eps), so a row with a NaN would come out
+        # finite; torch's clamp_min keeps it NaN.
+        mean = mean / tl.maximum(norm, 1e-12, propagate_nan=tl.PropagateNan.ALL)
     tl.store(Out + b * D + cols, mean.to(Out.dtype.element_ty), mask=col_mask)
 
 
@@ -112,7 +114,7 @@ def _masked_mean_pool_bwd_rows_kernel(
     if NORMALIZE:
         m = tl.load(Mean + b * D + cols, mask=col_mask, other=0.0)
         norm = tl.sqrt_rn(tl.sum(m * m, axis=0))
-        c = tl.maximum(norm, 1e-12)
+        c = tl.maximum(norm, 1e-12, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in the forward
         y = m / c
         shift = tl.where(norm >= 1e-12, tl.sum(y * dy, axis=0), 0.0)
         g = (dy - y * shift) * (inv_count / c)
