@@ -9,21 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, bundled_model_folder, require_backend
+from helpers import BACKEND_DEVICES, KERNEL_DEVICES, bundled_model_folder, require_backend
 from ctxkern import models, nn, ops
 from ctxkern.reference import attention_ref, lstm_cell_ref, masked_mean_pool_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 4
-# The kernel backends: padding is never read there. The torch backend is the reference, which multiplies by the
-# mask (NaN * 0 = NaN), so it is not held to that.
-KERNEL_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "torch"]
-
-
-def xfail_on(params, ids, reason):
-    """params with the ones whose id is in ids marked xfail(strict=True): a known bug outside these files."""
-    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.xfail(strict=True, reason=reason)])
-            if p.id in ids else p for p in params]
+# KERNEL_DEVICES: padding is never read there. The torch backend is the reference, which multiplies by the mask
+# (NaN * 0 = NaN), so it is not held to that.
 
 
 def _float64(t):
@@ -186,7 +179,7 @@ def _mask_with_padding(b: int, s: int, device: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nan_in_padding_never_reaches_pooling(backend, device, normalize):
     require_backend(backend)
     hidden = torch.randn(4, 13, 96, device=device)
@@ -220,9 +213,7 @@ def _qkv(b, s, h, d, device):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("backend,device", xfail_on(
-    KERNEL_BACKENDS, {"cpu-cpu"},
-    "the attention kernels read masked keys: a NaN there makes the row NaN (csrc/cpu/attention.cpp: in k or v)"))
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nan_in_masked_keys_never_reaches_attention(backend, device, causal):
     require_backend(backend)
     q, k, v = _qkv(4, 13, 2, 32, device)
@@ -235,7 +226,7 @@ def test_nan_in_masked_keys_never_reaches_attention(backend, device, causal):
     assert torch.equal(out, clean), "a NaN in k or v at a masked key changed the attention output"
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nan_in_a_padded_query_row_stays_in_that_row(backend, device):
     """Padded query rows are computed (ops.attention masks keys, not queries): NaN there stays there."""
     require_backend(backend)
@@ -247,11 +238,7 @@ def test_nan_in_a_padded_query_row_stays_in_that_row(backend, device):
     assert torch.equal(out[mask], clean[mask]), "a NaN in a padded query row reached a real row"
 
 
-NAN_SCORES_BECOME_ZEROS = ("csrc/cpu/attention.cpp: a row of NaN scores gives zeros (as a row that sees no key) "
-                           "where torch gives NaN")
-
-
-@pytest.mark.parametrize("backend,device", xfail_on(KERNEL_BACKENDS, {"cpu-cpu"}, NAN_SCORES_BECOME_ZEROS))
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
 def test_nan_in_one_packed_sequence_stays_in_it(backend, device):
     """attention_varlen has no padding: sequences are the boundary a NaN must not cross."""
     require_backend(backend)
@@ -269,10 +256,8 @@ def test_nan_in_one_packed_sequence_stays_in_it(backend, device):
 
 @pytest.mark.parametrize("where", ["q", "k", "v", "v-inf-and-minus-inf", "q-nan"])
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-def test_non_finite_real_token_attends_as_torch(backend, device, where, request):
+def test_non_finite_real_token_attends_as_torch(backend, device, where):
     require_backend(backend)
-    if where == "q-nan" and backend == "cpu":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=NAN_SCORES_BECOME_ZEROS))
     q, k, v = _qkv(3, 9, 2, 32, device)
     mask = _mask_with_padding(3, 9, device)
     mask[0, :2] = True  # tokens 0 and 1 of row 0 are real: the non-finite values go there (padding is not read)

@@ -100,7 +100,7 @@ inline void mask_tile(float* scores, int64_t m, int64_t n, const float* bias, bo
                       int64_t lo, int64_t offset) {
   for (int64_t r = 0; r < m; ++r) {
     float* row = scores + r * kKeyBlock;
-    if (bias) add_row(row, bias, n);
+    if (bias) mask_row(row, bias, n);
     if (causal_cut) {
       const int64_t first_hidden = std::clamp<int64_t>(i0 + r + offset + 1 - lo, 0, n);
       std::fill(row + first_hidden, row + n, kNegInf);
@@ -135,15 +135,23 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
     const KeyChunk& ch = hd.chunks[c];
     const int64_t n = ch.hi - ch.lo;
     const Rows k = stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data());
-    const Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
+    Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
+    // Only V's padding rows meet p = 0 (in P V): mask_tile overwrites the padding keys' scores.
+    if (ch.padded) v = zero_nonfinite_padding(v, n, d, hd.key_bias + ch.lo, s.v.data());
     matmul(false, true, m, n, d, p.scale, q.data, q.ld, k.data, k.ld, 0.f, scores, kKeyBlock);
     mask_tile(scores, m, n, ch.padded ? hd.key_bias + ch.lo : nullptr, p.causal && ch.hi - 1 > i0 + offset, i0,
               ch.lo, offset);
     for (int64_t r = 0; r < m; ++r) {
       float* row = scores + r * kKeyBlock;
+      // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
       const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
-      if (new_max == kNegInf) {  // no visible key yet: the row adds nothing
-        std::fill(row, row + n, 0.f);
+      if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
+        bool has_nan = false;
+        for (int64_t j = 0; j < n; ++j) {
+          has_nan |= std::isnan(row[j]);
+          row[j] = std::isnan(row[j]) ? row[j] : 0.f;
+        }
+        if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
       const float row_sum = exp_shifted<true>(row, n, new_max);
@@ -160,7 +168,8 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
 
   for (int64_t r = 0; r < m; ++r) {
     T* out_row = hd.out + (i0 + r) * hd.out_ld;
-    if (s.sum[r] > 0.f) {
+    // sum is 0 exactly when the row saw no key (the max score adds exp(0) = 1), and NaN if a score was NaN.
+    if (s.sum[r] != 0.f) {
       store_scaled(s.acc.data() + r * d, 1.f / s.sum[r], out_row, d);
       hd.lse[i0 + r] = s.max[r] + std::log(s.sum[r]);
     } else {  // the row may see no key
@@ -246,8 +255,12 @@ void backward_head(const Head<T>& hd, const Params& p, BackwardScratch& s) {
     const int64_t n = ch.hi - ch.lo;
     const int64_t first_q = p.causal ? std::max<int64_t>(0, ch.lo - offset) : 0;  // first row that sees the chunk
     if (first_q >= hd.sq) break;
-    const Rows k = stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data());
-    const Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
+    Rows k = stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data());
+    Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
+    if (ch.padded) {  // dS K and dO V^T multiply the padding rows too (by dS = 0, and into dS = 0 * dP)
+      k = zero_nonfinite_padding(k, n, d, hd.key_bias + ch.lo, s.k.data());
+      v = zero_nonfinite_padding(v, n, d, hd.key_bias + ch.lo, s.v.data());
+    }
     const auto [dk, dk_ld] = grad_accumulator(hd.dk + ch.lo * hd.dkv_ld, hd.dkv_ld, s.dk, n, d);
     const auto [dv, dv_ld] = grad_accumulator(hd.dv + ch.lo * hd.dkv_ld, hd.dkv_ld, s.dv, n, d);
 
@@ -267,6 +280,13 @@ void backward_head(const Head<T>& hd, const Params& p, BackwardScratch& s) {
       }
       matmul(false, false, m, d, n, p.scale, dscores, kKeyBlock, k.data, k.ld, 1.f, dq + i0 * dq_ld, dq_ld);
       matmul(true, false, n, d, m, p.scale, dscores, kKeyBlock, q.data, q.ld, 1.f, dk, dk_ld);
+    }
+    // A padding key's gradient is 0; P^T dO and dS^T Q would make it NaN from a NaN in a padded query row.
+    for (int64_t j = 0; ch.padded && j < n; ++j) {
+      if (hd.key_bias[ch.lo + j] == kNegInf) {
+        std::fill(dk + j * dk_ld, dk + j * dk_ld + d, 0.f);
+        std::fill(dv + j * dv_ld, dv + j * dv_ld + d, 0.f);
+      }
     }
     store_rows(dk, n, d, hd.dk + ch.lo * hd.dkv_ld, hd.dkv_ld);
     store_rows(dv, n, d, hd.dv + ch.lo * hd.dkv_ld, hd.dkv_ld);

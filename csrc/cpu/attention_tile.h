@@ -134,11 +134,44 @@ inline void scale_row(float* x, int64_t n, float mul) {
   for (; j < n; ++j) x[j] *= mul;
 }
 
-// x[0, n) += bias[0, n) (0 or -inf: the key padding mask as an additive bias).
-inline void add_row(float* x, const float* bias, int64_t n) {
+// x[j] = -inf where bias[j] is -inf (the key padding mask, 0 or -inf), for j in [0, n). A select, not an add:
+// a padding key's score may be NaN (a NaN in its k), and NaN + -inf is NaN.
+inline void mask_row(float* x, const float* bias, int64_t n) {
+  const Vec vneg(kNegInf);
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) + Vec::loadu(bias + j)).store(x + j);
-  for (; j < n; ++j) x[j] += bias[j];
+  for (; j + kVec <= n; j += kVec) {
+    const Vec b = Vec::loadu(bias + j);
+    Vec::blendv(Vec::loadu(x + j), vneg, b == vneg).store(x + j);
+  }
+  for (; j < n; ++j) x[j] = bias[j] == kNegInf ? kNegInf : x[j];
+}
+
+// `count` fp32 rows of `d` elements whose padding rows (bias -inf) are safe to multiply by their probability 0:
+// `rows` itself when they are finite (the common case, no copy), else a copy in `staging` (count, d) with them
+// zeroed, since 0 * NaN or 0 * inf is NaN. Rows already staged there are zeroed in place.
+inline Rows zero_nonfinite_padding(Rows rows, int64_t count, int64_t d, const float* bias, float* staging) {
+  const bool staged = rows.data == staging;
+  if (!staged) {
+    Vec acc(0.f);  // x - x is 0 for a finite x, NaN otherwise
+    float tail = 0.f;
+    for (int64_t j = 0; j < count; ++j) {
+      if (bias[j] != kNegInf) continue;
+      const float* x = rows.data + j * rows.ld;
+      int64_t e = 0;
+      for (; e + kVec <= d; e += kVec) acc = acc + (Vec::loadu(x + e) - Vec::loadu(x + e));
+      for (; e < d; ++e) tail += x[e] - x[e];
+    }
+    if (!std::isnan(at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc) + tail)) return rows;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    float* dst = staging + j * d;
+    if (bias[j] == kNegInf) {
+      std::fill(dst, dst + d, 0.f);
+    } else if (!staged) {
+      std::copy(rows.data + j * rows.ld, rows.data + j * rows.ld + d, dst);
+    }
+  }
+  return {staging, d};
 }
 
 // dp[0, n) = p * (dp - delta): the softmax backward of one row, delta = rowsum(dO * O).
