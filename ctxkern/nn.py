@@ -38,9 +38,10 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         k = len(self.normalized_shape)
-        if k == 1 and isinstance(input, Tensor) and input.dim() and input.shape[-1] == self.normalized_shape[0]:
-            # One normalized dim, the common case: ops.layer_norm's checks cover the rest, and no reshape (a
-            # view node per parameter in the autograd graph) is needed.
+        if (k == 1 and isinstance(input, Tensor) and input.dim() and input.shape[-1] == self.normalized_shape[0]
+                and (self.weight is None or self.weight.dtype == input.dtype)):
+            # One normalized dim in the input's dtype, the common case: ops.layer_norm's checks cover the rest,
+            # and no reshape (a view node per parameter in the autograd graph) is needed. Mixed precision goes on.
             return ops.layer_norm(input, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
         if tuple(input.shape[-k:]) != tuple(self.normalized_shape):
             raise ValueError(f"input's trailing dims must be normalized_shape {tuple(self.normalized_shape)}, "

@@ -25,7 +25,7 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     # rstd 0 and y the bias: finite garbage. Each row is first divided by a power of two near its largest
     # magnitude (exact, and a constant to autograd), and eps by its square: the same function of s.
     unit = 1.0
-    if ct == torch.float32:
+    if ct == torch.float32 and s.shape[-1] > 0:
         peak = s.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
         unit = torch.exp2(torch.log2(peak).floor())  # a row holding inf or NaN stays NaN, as in torch
         s = s / unit
