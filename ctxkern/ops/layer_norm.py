@@ -94,14 +94,22 @@ def _check(x, weight, bias, residual) -> None:
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5, *,
-               residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+               residual: Optional[Tensor] = None, prenorm: bool = False, backend: str = "auto"):
     """y = LayerNorm(x + residual) over the last dim; weight, bias: (N,) or None; statistics in fp32.
 
     x: float32, float16, bfloat16 (the kernels) or float64 (the reference, on every backend); weight, bias and
     residual in x's dtype. Differentiable in x, residual, weight and bias, in every autograd mode: double
     backward, forward-mode AD and torch.func transforms run the reference (ctxkern/ops/_autograd_modes.py).
+    prenorm=True (needs residual): returns (y, x + residual), the sum a pre-LN block carries as its residual
+    stream, differentiable in both outputs.
     backend: "auto", "torch", "cpu", "cuda" or "triton".
     """
+    if prenorm:
+        if residual is None:
+            raise ValueError("prenorm=True needs a residual: it returns (y, x + residual)")
+        _check(x, weight, bias, residual)
+        total = x + residual
+        return layer_norm(total, weight, bias, eps, backend=backend), total
     _check(x, weight, bias, residual)
     if not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
