@@ -112,10 +112,15 @@ def cpu_extensions() -> list:
     ]
 
 
+# The schemas and the ops' eager entries (csrc/eager/: argument checks and autograd in C++ for the cpu and cuda
+# backends, which call the operators through the dispatcher).
+CORE_SOURCES = ["csrc/ops.cpp", *sorted(glob.glob("csrc/eager/*.cpp"))]
+
+
 def core_extension():
     """ctxkern._C: every operator schema, and the CUDA kernels when they are built."""
     if not build_cuda():
-        return CppExtension("ctxkern._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": CXX_FLAGS})
+        return CppExtension("ctxkern._C", CORE_SOURCES, extra_compile_args={"cxx": CXX_FLAGS})
     archs = os.environ.get("CTXKERN_CUDA_ARCHS", "80;90").split(";")
     # No --use_fast_math: its approximate division and flush-to-zero buy nothing in memory-bound kernels
     # and cost accuracy against the references.
@@ -123,7 +128,7 @@ def core_extension():
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # PTX of the newest architecture too, so that a newer GPU can JIT-compile the kernels.
     nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu")), "csrc/cuda/bindings.cpp"]
+    sources = [*CORE_SOURCES, *sorted(glob.glob("csrc/cuda/*.cu")), "csrc/cuda/bindings.cpp"]
     return CUDAExtension("ctxkern._C", sources,
                          extra_compile_args={"cxx": CXX_FLAGS + ["-DCTXKERN_WITH_CUDA"], "nvcc": nvcc})
 

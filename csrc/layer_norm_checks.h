@@ -36,7 +36,9 @@ inline void check_stats(const at::Tensor& t, const at::Tensor& x, const char* na
 
 inline void check_layer_norm_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                       const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias, at::DeviceType device) {
+                                      const std::optional<at::Tensor>& bias, at::DeviceType device,
+                                      bool prenorm = false) {
+  TORCH_CHECK(!prenorm || residual.has_value(), "prenorm needs a residual: it returns x + residual");
   TORCH_CHECK(x.device().type() == device, "x must be a ", device, " tensor, got ", x.device());
   check_float_storage(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be 2-D (M, N), got ", x.dim(), "-D");
@@ -50,9 +52,11 @@ inline void check_layer_norm_fwd_args(const at::Tensor& x, const std::optional<a
 inline void check_layer_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x,
                                       const std::optional<at::Tensor>& residual,
                                       const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                      const at::Tensor& rstd, at::DeviceType device) {
+                                      const at::Tensor& rstd, const std::optional<at::Tensor>& dsum,
+                                      at::DeviceType device) {
   check_layer_norm_fwd_args(x, residual, weight, std::nullopt, device);
   check_rows(dy, x, "dy");
+  if (dsum) check_rows(*dsum, x, "dsum");
   check_stats(mean, x, "mean");
   check_stats(rstd, x, "rstd");
 }

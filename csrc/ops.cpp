@@ -3,18 +3,23 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "eager/eager.h"
+
 TORCH_LIBRARY(ctxkern, m) {
   // LayerNorm of (x + residual) over the last dim.
   //   x, residual: (M, N), last dim contiguous, any row stride; weight, bias: (N,) contiguous or None.
-  //   -> y (M, N) contiguous in x's dtype; mean (M,) and rstd (M,) in fp32, of x + residual.
-  m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
-        " -> (Tensor, Tensor, Tensor)");
+  //   -> y (M, N) contiguous in x's dtype; mean (M,) and rstd (M,) in fp32, of x + residual; with prenorm
+  //      (which needs residual) the sum x + residual (M, N) contiguous in x's dtype, the residual stream of a
+  //      pre-LN block, else a (0,) tensor.
+  m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool prenorm=False)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward of layer_norm_fwd. dresidual equals dx, so it is not returned separately.
-  //   dy: (M, N) last dim contiguous; x, residual, weight as in the forward; mean, rstd: (M,) fp32.
-  //   -> dx (M, N) in x's dtype; dweight (N,) in weight's dtype, or (0,) when weight is None;
+  //   dy: (M, N) last dim contiguous; x, residual, weight as in the forward; mean, rstd: (M,) fp32;
+  //   dsum: the gradient of the prenorm sum (M, N), last dim contiguous, or None.
+  //   -> dx (M, N) in x's dtype (dsum added); dweight (N,) in weight's dtype, or (0,) when weight is None;
   //      dbias (N,) in x's dtype when has_bias, else (0,).
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor mean, Tensor rstd,"
-        " bool has_bias) -> (Tensor, Tensor, Tensor)");
+        " bool has_bias, Tensor? dsum=None) -> (Tensor, Tensor, Tensor)");
 
   // Masked mean pooling: out[b] = mean of hidden[b, s] over the tokens s with mask[b, s], zeros for a row with
   // no token; with normalize, out[b] / max(||out[b]||2, 1e-12) of the fp32 mean.
@@ -88,4 +93,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  ctxkern::eager::bind_layer_norm(m);
 }

@@ -36,18 +36,23 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = _dispatch.check_choice(backend)
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, prenorm: bool = False):
+        """LayerNorm(input + residual); prenorm=True (needs residual) returns (y, input + residual), the residual
+        stream of a pre-LN block, from one fused pass (ops.layer_norm's prenorm)."""
         k = len(self.normalized_shape)
         if (k == 1 and isinstance(input, Tensor) and input.dim() and input.shape[-1] == self.normalized_shape[0]
                 and (self.weight is None or self.weight.dtype == input.dtype)):
             # One normalized dim in the input's dtype, the common case: ops.layer_norm's checks cover the rest,
             # and no reshape (a view node per parameter in the autograd graph) is needed. Mixed precision goes on.
-            return ops.layer_norm(input, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
+            return ops.layer_norm(input, self.weight, self.bias, self.eps, residual=residual, prenorm=prenorm,
+                                  backend=self.backend)
         if tuple(input.shape[-k:]) != tuple(self.normalized_shape):
             raise ValueError(f"input's trailing dims must be normalized_shape {tuple(self.normalized_shape)}, "
                              f"got input of shape {tuple(input.shape)}")
         if residual is not None and residual.shape != input.shape:
             raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        if prenorm and residual is None:
+            raise ValueError("prenorm=True needs a residual: it returns (y, input + residual)")
         n = math.prod(self.normalized_shape)
         # Normalizing over k trailing dims is normalizing over one flattened dim of their product.
         flat = input.reshape(*input.shape[:input.dim() - k], n)
@@ -59,9 +64,11 @@ class LayerNorm(torch.nn.LayerNorm):
                 raise ValueError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
             _dispatch.resolve(self.backend, input.device)  # a backend that cannot run still says so
             y = layer_norm_ref(flat, weight, bias, self.eps, residual)
+            total = flat + residual if prenorm else None
         else:
-            y = ops.layer_norm(flat, weight, bias, self.eps, residual=residual, backend=self.backend)
-        return y.view(input.shape)
+            out = ops.layer_norm(flat, weight, bias, self.eps, residual=residual, prenorm=prenorm, backend=self.backend)
+            y, total = out if prenorm else (out, None)
+        return (y.view(input.shape), total.view(input.shape)) if prenorm else y.view(input.shape)
 
     @staticmethod
     def _mixed_precision(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:

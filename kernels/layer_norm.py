@@ -40,6 +40,7 @@ def _layer_norm_fwd_kernel(
     W,  # (N,) or None
     B,  # (N,) or None
     Y,  # (M, N) contiguous
+    Sum,  # (M, N) contiguous: x + residual (prenorm); None otherwise
     Mean,  # (M,) fp32
     Rstd,  # (M,) fp32
     stride_x_row,
@@ -48,6 +49,7 @@ def _layer_norm_fwd_kernel(
     N,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_SUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,6 +71,8 @@ def _layer_norm_fwd_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + rows64[:, None] * stride_r_row + cols[None, :], mask=mask, other=0.0)
         s += r.to(tl.float32)
+    if STORE_SUM:
+        tl.store(Sum + rows64[:, None] * N + cols[None, :], s.to(Sum.dtype.element_ty), mask=mask)
 
     mean = tl.sum(s, axis=1) / N
     # Padding columns must not contribute (0 - mean)^2 to the variance.
@@ -125,15 +129,18 @@ def _layer_norm_bwd_kernel(
     W,  # (N,) or None
     Mean,  # (M,) fp32
     Rstd,  # (M,) fp32
+    DS,  # (M, N), row stride stride_ds_row, column stride 1: the prenorm sum's gradient; None without
     DX,  # (M, N) contiguous
     DW_partial,  # (num_programs, N) fp32, or None without a weight
     DB_partial,  # (num_programs, N) fp32, or None without a bias
     stride_dy_row,
     stride_x_row,
     stride_r_row,
+    stride_ds_row,
     M,
     N,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -181,6 +188,8 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(wdy * xhat, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DSUM:
+            dx += tl.load(DS + rows64[:, None] * stride_ds_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
         if HAS_WEIGHT:
@@ -268,19 +277,22 @@ def _no_grad(x: Tensor) -> Tensor:
 
 
 def layer_norm_fwd_triton(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm of s = x + residual over the last dim -> (y, mean, rstd); mean and rstd are fp32 of s.
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+    prenorm: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """LayerNorm of s = x + residual over the last dim -> (y, mean, rstd, sum); mean and rstd are fp32 of s;
+    sum is s in x's dtype with prenorm (which needs a residual), else an empty tensor.
 
     x, residual: (M, N), column stride 1, any row stride. weight, bias: (N,) contiguous or None.
     """
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    total = torch.empty((M, N) if prenorm else (0,), dtype=x.dtype, device=x.device)
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _tile_config(M, N)
     if M == 0:
-        return y, mean, rstd
+        return y, mean, rstd, total
     grid = (triton.cdiv(M, block_m),)
     with device_guard(x):
         _layer_norm_fwd_kernel[grid](
@@ -289,6 +301,7 @@ def layer_norm_fwd_triton(
             weight,
             bias,
             y,
+            total if prenorm else None,
             mean,
             rstd,
             x.stride(0),
@@ -297,13 +310,14 @@ def layer_norm_fwd_triton(
             N,
             float(eps),
             HAS_RESIDUAL=residual is not None,
+            STORE_SUM=prenorm,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
         )
-    return y, mean, rstd
+    return y, mean, rstd, total
 
 
 def layer_norm_bwd_triton(
@@ -314,10 +328,12 @@ def layer_norm_bwd_triton(
     mean: Tensor,
     rstd: Tensor,
     has_bias: bool,
+    dsum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of layer_norm_fwd_triton -> (dx, dweight, dbias); dresidual equals dx.
 
-    dy, x, residual: (M, N), column stride 1, any row stride; mean, rstd: (M,) fp32 from the forward.
+    dy, x, residual: (M, N), column stride 1, any row stride; mean, rstd: (M,) fp32 from the forward;
+    dsum: the gradient of the prenorm sum (M, N), column stride 1, or None; it is added to dx.
     dweight is an empty tensor when weight is None, dbias an empty tensor when not has_bias.
     """
     M, N = x.shape
@@ -354,15 +370,18 @@ def layer_norm_bwd_triton(
             weight,
             mean,
             rstd,
+            dsum,
             dx,
             dw_partial,
             db_partial,
             dy.stride(0),
             x.stride(0),
             residual.stride(0) if residual is not None else 0,
+            dsum.stride(0) if dsum is not None else 0,
             M,
             N,
             HAS_RESIDUAL=residual is not None,
+            HAS_DSUM=dsum is not None,
             HAS_WEIGHT=has_weight,
             HAS_BIAS=has_bias,
             BLOCK_M=block_m,

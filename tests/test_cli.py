@@ -39,6 +39,7 @@ def test_bench_writes_json_markdown_and_png(tmp_path):
     rows = result["rows"]
     assert {(r["op"], r["shape"]) for r in rows} == {("layer_norm_fwd", "64x384"), ("layer_norm_fwd", "256x768"),
                                                      ("layer_norm_fwd_residual", "256x768"),
+                                                     ("layer_norm_prenorm", "256x768"),
                                                      ("layer_norm_bwd", "256x768")}
     for row in rows:
         assert ROW_KEYS <= row.keys() and "error" not in row, row

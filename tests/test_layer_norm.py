@@ -194,10 +194,13 @@ def test_opcheck(backend, device):
     x, r, w, b = (t.requires_grad_() for t in make_inputs(5, 37, torch.float32, device, "residual"))
     torch.library.opcheck(fwd, (x, r, w, b, 1e-5))
     torch.library.opcheck(fwd, (x, None, None, None, 1e-5))
-    y, mean, rstd = fwd(x, r, w, b, 1e-5)
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5, True))
+    y, mean, rstd, _ = fwd(x, r, w, b, 1e-5)
     dy = torch.randn_like(y)
     torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), True))
     torch.library.opcheck(bwd, (dy, x.detach(), None, None, mean.detach(), rstd.detach(), False))
+    torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), True,
+                                torch.randn_like(y)))
 
 
 @pytest.mark.slow
@@ -401,8 +404,144 @@ def test_long_rows_are_as_accurate_as_torch(backend, device):
     def stats_err(mean, rstd):
         return max_err(((xd - f64(mean).view(-1, 1)) * f64(rstd).view(-1, 1)) * wd + bd, ref)
 
-    y, mean, rstd = fwd(x, None, w, b, 1e-5)
+    y, mean, rstd, _ = fwd(x, None, w, b, 1e-5)
     assert_fp32_close(y, ref)
     _, torch_mean, torch_rstd = torch.native_layer_norm(x, (n,), w, b, 1e-5)
     err, torch_err = stats_err(mean, rstd), stats_err(torch_mean, torch_rstd)
     assert err <= 1.5 * torch_err, f"statistics' error {err:.3g} > 1.5 * torch's {torch_err:.3g}"
+
+
+# ----------------------------------------------------------------------------- prenorm: (y, x + residual)
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", (1, 7, 769, 4097))
+def test_prenorm_returns_the_sum_and_the_norm_of_it(backend, device, dtype, n):
+    require_backend(backend)
+    x, r, w, b = make_inputs(13, n, dtype, device, "residual")
+    y, total = ops.layer_norm(x, w, b, 1e-5, residual=r, prenorm=True, backend=backend)
+    assert y.dtype == total.dtype == dtype and y.shape == total.shape == x.shape
+    # The sum is taken in fp32 and rounded once to x's dtype, as torch's x + r does.
+    assert torch.equal(total, x + r)
+    assert_close_for_dtype(y, layer_norm_ref(f64(x), f64(w), f64(b), 1e-5, f64(r)), torch_low_precision(x, r, w, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", (1, 769))
+@pytest.mark.parametrize("used", ("both", "norm", "sum"))
+def test_prenorm_gradients_match_float64_reference(backend, device, dtype, n, used):
+    """The sum's gradient reaches x and residual unchanged, on top of the norm's: a pre-LN block uses both."""
+    require_backend(backend)
+    inputs = [t.requires_grad_() for t in make_inputs(11, n, dtype, device, "residual")]
+    x, r, w, b = inputs
+    dy, ds = torch.randn(11, n, dtype=dtype, device=device), torch.randn(11, n, dtype=dtype, device=device)
+
+    def loss_terms(y, total):
+        return {"both": [(y, dy), (total, ds)], "norm": [(y, dy)], "sum": [(total, ds)]}[used]
+
+    terms = loss_terms(*ops.layer_norm(x, w, b, 1e-5, residual=r, prenorm=True, backend=backend))
+    grads = torch.autograd.grad([o for o, _ in terms], inputs, [g for _, g in terms], allow_unused=True)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    xd, rd, wd, bd = ref_inputs
+    ref_terms = loss_terms(layer_norm_ref(xd, wd, bd, 1e-5, rd), xd + rd)
+    ref_grads = torch.autograd.grad([o for o, _ in ref_terms], ref_inputs, [g.double() for _, g in ref_terms],
+                                    allow_unused=True)
+    lp_inputs = [t.detach().requires_grad_() for t in inputs]
+    xl, rl, wl, bl = lp_inputs
+    lp_terms = loss_terms(torch_low_precision(xl, rl, wl, bl), xl + rl)
+    torch_grads = torch.autograd.grad([o for o, _ in lp_terms], lp_inputs, [g for _, g in lp_terms],
+                                      allow_unused=True)
+    for got, ref, theirs in zip(grads, ref_grads, torch_grads, strict=True):
+        if ref is None:  # the sum alone does not reach weight and bias
+            assert got is None or not got.any()
+            continue
+        assert got.dtype == dtype
+        assert_close_for_dtype(got, ref, theirs)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_prenorm_leading_dims_and_strided_views(backend, device):
+    require_backend(backend)
+    base = torch.randn(3, 5, 2 * 48, device=device)
+    x, r = base[..., ::2], torch.randn(5, 3, 48, device=device).transpose(0, 1)  # neither is contiguous
+    w, b = torch.randn(48, device=device), torch.randn(48, device=device)
+    y, total = ops.layer_norm(x, w, b, residual=r, prenorm=True, backend=backend)
+    assert torch.equal(total, x + r)
+    assert_fp32_close(y, layer_norm_ref(f64(x), f64(w), f64(b), 1e-5, f64(r)))
+
+
+def test_prenorm_needs_a_residual():
+    with pytest.raises(ValueError, match="prenorm=True needs a residual"):
+        ops.layer_norm(torch.randn(4, 8), prenorm=True)
+    with pytest.raises(ValueError, match="prenorm=True needs a residual"):
+        ctxkern.nn.LayerNorm((2, 4))(torch.randn(3, 2, 4), prenorm=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_prenorm_under_torch_compile_fullgraph(backend, device):
+    require_backend(backend)
+    torch._dynamo.reset()
+    x, r, w, b = (t.requires_grad_() for t in make_inputs(6, 96, torch.float32, device, "residual"))
+
+    @torch.compile(fullgraph=True)
+    def block(x, r, w, b):
+        y, stream = ops.layer_norm(x, w, b, residual=r, prenorm=True, backend=backend)
+        return y.relu() + stream
+
+    out = block(x, r, w, b)
+    grads = torch.autograd.grad(out.square().sum(), (x, r, w, b))
+    xd, rd, wd, bd = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref = layer_norm_ref(xd, wd, bd, 1e-5, rd).relu() + (xd + rd)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (xd, rd, wd, bd))
+    assert_fp32_close(out, ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert_fp32_close(got, want, rel=2e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", ((48,), (4, 12)))
+def test_nn_layer_norm_prenorm_is_torch_on_the_sum(backend, device, shape):
+    require_backend(backend)
+    ours = ctxkern.nn.LayerNorm(shape, backend=backend).to(device)
+    theirs = torch.nn.LayerNorm(shape).to(device)
+    with torch.no_grad():
+        for p in (ours.weight, ours.bias):
+            p.normal_()
+        theirs.load_state_dict(ours.state_dict())
+    x, r = torch.randn(5, 3, *shape, device=device), torch.randn(5, 3, *shape, device=device)
+    y, total = ours(x, r, prenorm=True)
+    assert torch.equal(total, x + r)
+    assert_fp32_close(y, theirs(x + r).double(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the C++ eager entry
+
+def test_eager_entry_serves_the_plain_case_and_declines_the_rest():
+    """csrc/eager/layer_norm.cpp: outputs for a plain call, None (ops.layer_norm's Python path) for anything it
+    must not serve, so that the Python path's checks and special modes stay in force."""
+    require_backend("cpu")
+    entry = ctxkern._dispatch._C.layer_norm_eager
+    x, r, w, b = make_inputs(6, 40, torch.float32, "cpu", "residual")
+    assert_fp32_close(entry(x, w, b, None, 1e-5, False, 1), layer_norm_ref(f64(x), f64(w), f64(b)))
+    y, total = entry(x, w, b, r, 1e-5, True, 1)
+    assert torch.equal(total, x + r)
+
+    class Sub(torch.Tensor):
+        pass
+
+    declined = [
+        (x.double(), w.double(), b.double(), None, 1e-5, False, 1),   # float64: the reference
+        (x.as_subclass(Sub), w, b, None, 1e-5, False, 1),           # a tensor subclass
+        (x, w[:-1], b, None, 1e-5, False, 1),                       # a bad shape: the Python path's message
+        (x, w, b, None, -1.0, False, 1),                            # a bad eps
+        (x, w, b, None, 1e-5, True, 1),                             # prenorm without a residual
+        (x, w, b, None, "1e-5", False, 1),                          # not a number
+        (x, w, b, None, 1e-5, False, 2),                            # a CPU tensor when only CUDA is served
+        (x.to("meta"), w.to("meta"), b.to("meta"), None, 1e-5, False, 1),
+        (x[:0], w, b, None, 1e-5, False, 1),                        # empty: the Python path
+        ("x", w, b, None, 1e-5, False, 1),
+    ]
+    for args in declined:
+        assert entry(*args) is None, args

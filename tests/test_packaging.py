@@ -131,12 +131,16 @@ def core_sources(dist) -> list:
     return next(ext for ext in dist.ext_modules if ext.name == "ctxkern._C").sources
 
 
+# ctxkern._C without CUDA: the schemas and the eager entries.
+CPU_ONLY_CORE = ["csrc/ops.cpp", "csrc/eager/layer_norm.cpp"]
+
+
 def test_cuda_auto_builds_without_cuda_when_the_toolkit_headers_are_missing(monkeypatch, tmp_path, capfd,
                                                                              cuda_torch):
     # An nvcc on PATH outside the toolkit (/usr/local/bin/nvcc) makes torch take /usr/local for CUDA_HOME.
     cuda_torch(fake_cuda_home(tmp_path, headers=False))
     dist = configured_distribution(monkeypatch, CTXKERN_CUDA="auto")
-    assert core_sources(dist) == ["csrc/ops.cpp"]
+    assert core_sources(dist) == CPU_ONLY_CORE
     note = capfd.readouterr().err
     assert "building without the CUDA kernels" in note and "cuda_runtime.h" in note, note
     with pytest.raises(SystemExit, match=r"CTXKERN_CUDA=1, but .*no cuda_runtime\.h in .*set CUDA_HOME"):
@@ -145,7 +149,7 @@ def test_cuda_auto_builds_without_cuda_when_the_toolkit_headers_are_missing(monk
 
 def test_cuda_auto_builds_without_cuda_when_nvcc_is_of_another_cuda_major(monkeypatch, tmp_path, cuda_torch):
     cuda_torch(fake_cuda_home(tmp_path, release="12.4", headers=True))
-    assert core_sources(configured_distribution(monkeypatch, CTXKERN_CUDA="auto")) == ["csrc/ops.cpp"]
+    assert core_sources(configured_distribution(monkeypatch, CTXKERN_CUDA="auto")) == CPU_ONLY_CORE
     with pytest.raises(SystemExit, match=r"an nvcc of CUDA 13\.x, .*is CUDA 12\.4"):
         configured_distribution(monkeypatch, CTXKERN_CUDA="1")
 
@@ -157,7 +161,7 @@ def test_cuda_is_built_when_the_toolkit_is_complete(monkeypatch, tmp_path, cuda_
     assert "csrc/cuda/bindings.cpp" in sources and any(s.endswith(".cu") for s in sources), sources
     nvcc_flags = next(ext for ext in dist.ext_modules if ext.name == "ctxkern._C").extra_compile_args["nvcc"]
     assert not [f for f in nvcc_flags if f.startswith("-std")], nvcc_flags
-    assert core_sources(configured_distribution(monkeypatch, CTXKERN_CUDA="0")) == ["csrc/ops.cpp"]
+    assert core_sources(configured_distribution(monkeypatch, CTXKERN_CUDA="0")) == CPU_ONLY_CORE
 
 
 def test_cuda_1_without_nvcc_says_what_is_missing(monkeypatch, cuda_torch):

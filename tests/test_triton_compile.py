@@ -146,6 +146,7 @@ def compile_all() -> dict[str, str]:
     for name, n, backward in ROW_KERNELS:
         block_m, block_n, num_warps = ln._tile_config(8192, n, backward=backward)
         consts = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
+        consts["HAS_DSUM" if backward else "STORE_SUM"] = True  # the prenorm paths too
         jobs += [(f"{name}-{dtype}-N{n}", getattr(ln, name), dtype, consts, num_warps) for dtype in DTYPES]
     consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_G=ln._DWDB_BLOCK_G, BLOCK_N=ln._DWDB_BLOCK_N)
     jobs += [(f"_layer_norm_bwd_dwdb_kernel-{dtype}", ln._layer_norm_bwd_dwdb_kernel, dtype, consts, 4)

@@ -127,14 +127,15 @@ inline int row_scale_exponent(float amax) {
   return std::min(126, std::max(-126, e - 1));
 }
 
-// Forward of one row: s = x + r (r may be null), y = (s - mean) * rstd * w + b (w, b fp32 or null).
-// `scratch` (N,) holds s in fp32 unless the row can be read in place (fp32, no residual).
+// Forward of one row: s = x + r (r may be null), y = (s - mean) * rstd * w + b (w, b fp32 or null); s is also
+// written to sum_out in T when it is not null (prenorm). `scratch` (N,) holds s in fp32 unless the row can be
+// read in place (fp32, no residual).
 // The moments are taken in fp32 from s; when they overflow or underflow (plain_moments_ok), they are taken
 // again from s * 2^-k with 2^k about the row's max-abs, and y comes from the scaled row:
 // rstd = 2^-k / sqrt(var(s * 2^-k) + eps * 2^-2k). A row holding inf or NaN stays NaN on either path, as in torch.
 template <typename T>
-void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, float* scratch, int64_t n,
-                 float eps, bool stream, float& mean_out, float& rstd_out) {
+void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, T* sum_out, float* scratch,
+                 int64_t n, float eps, bool stream, bool stream_sum, float& mean_out, float& rstd_out) {
   constexpr bool fp32 = std::is_same_v<T, float>;
   const bool in_place = fp32 && r == nullptr;
   const float* s = in_place ? reinterpret_cast<const float*>(x) : scratch;
@@ -147,12 +148,14 @@ void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, f
       a.store(scratch + j);
       c.store(scratch + j + kVec);
     }
+    if (sum_out) store2(sum_out + j, a, c, stream_sum);
     acc0 = acc0 + a;
     acc1 = acc1 + c;
   });
   for (int64_t j = n_vec; j < n; ++j) {
     const float v = static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f);
     if (!in_place) scratch[j] = v;
+    if (sum_out) sum_out[j] = static_cast<T>(v);
     sum += v;
   }
   float mean = sum / n;
@@ -208,13 +211,14 @@ void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, f
 }
 
 // Backward of one row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and
-// xhat = (x + r - mean) * rstd; adds dy * xhat into dw_acc and dy into db_acc (each (N,) or null).
+// xhat = (x + r - mean) * rstd, plus ds (the gradient of the prenorm sum x + r; may be null); adds dy * xhat
+// into dw_acc and dy into db_acc (each (N,) or null).
 // Pass 1 reads the row from memory, keeps xhat, g and dy (fp32) in scratch and takes both sums; pass 2 runs
 // from cache. g is kept rather than recomputed: a recomputed dy * w could be fused into an FMA with the
 // subtraction of mean(g), and then g - mean(g) would not be exactly 0 where it should be (N = 1).
 // An fp32 dy is read in place.
 template <typename T>
-void backward_row(const T* dy, const T* x, const T* r, const float* w, float mean, float rstd, T* dx,
+void backward_row(const T* dy, const T* x, const T* r, const T* ds, const float* w, float mean, float rstd, T* dx,
                   float* xhat_scratch, float* g_scratch, float* dy_scratch, float* dw_acc, float* db_acc, int64_t n,
                   bool stream) {
   constexpr bool fp32 = std::is_same_v<T, float>;
@@ -259,11 +263,13 @@ void backward_row(const T* dy, const T* x, const T* r, const float* w, float mea
 
   const Vec vmean_g(mean_g), vmean_gx(mean_gx);
   for (j = 0; j + kStep <= n; j += kStep) {
-    Vec out[2];
+    Vec out[2], ds_v[2];
+    if (ds) load2(ds + j, ds_v[0], ds_v[1]);
     for (int h = 0; h < 2; ++h) {
       const int64_t k = j + h * kVec;
       const Vec xh = Vec::loadu(xhat_scratch + k), dyv = Vec::loadu(d + k);
       out[h] = vrstd * (Vec::loadu(g_scratch + k) - vmean_g - xh * vmean_gx);
+      if (ds) out[h] = out[h] + ds_v[h];
       if (dw_acc) at::vec::fmadd(dyv, xh, Vec::loadu(dw_acc + k)).store(dw_acc + k);
       if (db_acc) (Vec::loadu(db_acc + k) + dyv).store(db_acc + k);
     }
@@ -271,7 +277,7 @@ void backward_row(const T* dy, const T* x, const T* r, const float* w, float mea
   }
   for (; j < n; ++j) {
     const float xh = xhat_scratch[j], dyv = d[j];
-    dx[j] = static_cast<T>(rstd * (g_scratch[j] - mean_g - xh * mean_gx));
+    dx[j] = static_cast<T>(rstd * (g_scratch[j] - mean_g - xh * mean_gx) + (ds ? static_cast<float>(ds[j]) : 0.f));
     if (dw_acc) dw_acc[j] += dyv * xh;
     if (db_acc) db_acc[j] += dyv;
   }
@@ -282,17 +288,19 @@ constexpr int64_t kParallelGrain = 32768;
 
 template <typename T>
 void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight, const at::Tensor* bias,
-             double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+             double eps, at::Tensor& y, at::Tensor* sum, at::Tensor& mean, at::Tensor& rstd) {
   const int64_t M = x.size(0), N = x.size(1);
   const T* x_ptr = x.const_data_ptr<T>();                               // (M, N), row stride x.stride(0)
   const T* r_ptr = residual ? residual->const_data_ptr<T>() : nullptr;  // (M, N) or null
   const int64_t x_stride = x.stride(0), r_stride = residual ? residual->stride(0) : 0;
   T* y_ptr = y.data_ptr<T>();                                           // (M, N) contiguous
+  T* sum_ptr = sum ? sum->data_ptr<T>() : nullptr;                      // (M, N) contiguous or null
   float* mean_ptr = mean.data_ptr<float>();                             // (M,)
   float* rstd_ptr = rstd.data_ptr<float>();                             // (M,)
   const std::vector<float> w32 = to_fp32(weight ? weight->const_data_ptr<T>() : nullptr, N);  // (N,) or empty
   const std::vector<float> b32 = to_fp32(bias ? bias->const_data_ptr<T>() : nullptr, N);      // (N,) or empty
   const bool stream = use_streaming_stores(y_ptr, M, N);
+  const bool stream_sum = sum_ptr && use_streaming_stores(sum_ptr, M, N);
 
   // At least kParallelGrain elements per task: below that, waking the second thread costs more than the rows
   // (64 x 384 took 22 us on two threads against 9 us inline), as torch's own kernels find with the same grain.
@@ -300,21 +308,24 @@ void forward(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* 
     std::vector<float> scratch(N);
     for (int64_t i = begin; i < end; ++i) {
       forward_row<T>(x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
-                     weight ? w32.data() : nullptr, bias ? b32.data() : nullptr, y_ptr + i * N, scratch.data(), N,
-                     static_cast<float>(eps), stream, mean_ptr[i], rstd_ptr[i]);
+                     weight ? w32.data() : nullptr, bias ? b32.data() : nullptr, y_ptr + i * N,
+                     sum_ptr ? sum_ptr + i * N : nullptr, scratch.data(), N, static_cast<float>(eps), stream,
+                     stream_sum, mean_ptr[i], rstd_ptr[i]);
     }
-    fence_streaming_stores(stream);
+    fence_streaming_stores(stream || stream_sum);
   });
 }
 
 template <typename T>
 void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight,
-              const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, at::Tensor& dx, at::Tensor& dweight,
-              at::Tensor& dbias) {
+              const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, const at::Tensor* dsum, at::Tensor& dx,
+              at::Tensor& dweight, at::Tensor& dbias) {
   const int64_t M = x.size(0), N = x.size(1);
   const T* dy_ptr = dy.const_data_ptr<T>();                             // (M, N), row stride dy.stride(0)
   const T* x_ptr = x.const_data_ptr<T>();                               // (M, N), row stride x.stride(0)
   const T* r_ptr = residual ? residual->const_data_ptr<T>() : nullptr;  // (M, N) or null
+  const T* ds_ptr = dsum ? dsum->const_data_ptr<T>() : nullptr;         // (M, N), row stride ds_stride, or null
+  const int64_t ds_stride = dsum ? dsum->stride(0) : 0;
   const float* mean_ptr = mean.const_data_ptr<float>();                 // (M,)
   const float* rstd_ptr = rstd.const_data_ptr<float>();                 // (M,)
   const int64_t dy_stride = dy.stride(0), x_stride = x.stride(0), r_stride = residual ? residual->stride(0) : 0;
@@ -336,7 +347,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       for (int64_t i = c * rows_per_chunk; i < std::min(M, (c + 1) * rows_per_chunk); ++i) {
         backward_row<T>(dy_ptr + i * dy_stride, x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
-                        want_dw ? w32.data() : nullptr, mean_ptr[i], rstd_ptr[i], dx_ptr + i * N, xhat.data(),
+                        ds_ptr ? ds_ptr + i * ds_stride : nullptr, want_dw ? w32.data() : nullptr, mean_ptr[i], rstd_ptr[i], dx_ptr + i * N, xhat.data(),
                         g.data(), dy32.data(), want_dw ? dw_part.data() + c * N : nullptr,
                         has_bias ? db_part.data() + c * N : nullptr, N, stream);
       }
@@ -361,36 +372,39 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
 
 const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
-                                                                   const std::optional<at::Tensor>& residual,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias, double eps) {
-  check_layer_norm_fwd_args(x, residual, weight, bias, at::kCPU);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool prenorm) {
+  check_layer_norm_fwd_args(x, residual, weight, bias, at::kCPU, prenorm);
   check_layer_norm_eps(eps);
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor sum = prenorm ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
+  if (M == 0) return {y, mean, rstd, sum};
   CTXKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    forward<scalar_t>(x, opt_ptr(residual), opt_ptr(weight), opt_ptr(bias), eps, y, mean, rstd);
+    forward<scalar_t>(x, opt_ptr(residual), opt_ptr(weight), opt_ptr(bias), eps, y, prenorm ? &sum : nullptr,
+                      mean, rstd);
   });
-  return {y, mean, rstd};
+  return {y, mean, rstd, sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& residual,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
-                                                                   bool has_bias) {
-  check_layer_norm_bwd_args(dy, x, residual, weight, mean, rstd, at::kCPU);
+                                                                   bool has_bias,
+                                                                   const std::optional<at::Tensor>& dsum) {
+  check_layer_norm_bwd_args(dy, x, residual, weight, mean, rstd, dsum, at::kCPU);
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor dx = at::empty({M, N}, x.options());
   at::Tensor dweight = weight ? at::zeros({N}, weight->options()) : at::empty({0}, x.options());
   at::Tensor dbias = has_bias ? at::zeros({N}, x.options()) : at::empty({0}, x.options());
   if (M == 0) return {dx, dweight, dbias};
   CTXKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "layer_norm_bwd_cpu", [&] {
-    backward<scalar_t>(dy, x, opt_ptr(residual), opt_ptr(weight), mean, rstd, has_bias, dx, dweight, dbias);
+    backward<scalar_t>(dy, x, opt_ptr(residual), opt_ptr(weight), mean, rstd, has_bias, opt_ptr(dsum), dx, dweight,
+                       dbias);
   });
   return {dx, dweight, dbias};
 }

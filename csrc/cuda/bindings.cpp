@@ -76,11 +76,10 @@ int sm_count_of(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------------------
 // layer_norm
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
-                                                                   const std::optional<at::Tensor>& residual,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias, double eps) {
-  ctxkern::check_layer_norm_fwd_args(x, residual, weight, bias, at::kCUDA);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool prenorm) {
+  ctxkern::check_layer_norm_fwd_args(x, residual, weight, bias, at::kCUDA, prenorm);
   ctxkern::check_layer_norm_eps(eps);
   check_columns(x);
   const DType dtype = storage_dtype(x);
@@ -91,24 +90,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   const int64_t M = x.size(0);
   const int64_t N = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor sum = prenorm ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
+  if (M == 0) return {y, mean, rstd, sum};
 
   check_cuda(ctxkern::cuda::layer_norm_fwd_launch(dtype, x.data_ptr(), x_stride, data_or_null(residual),
                                                   residual_stride, data_or_null(weight), data_or_null(bias),
-                                                  y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
+                                                  y.data_ptr(), prenorm ? sum.data_ptr() : nullptr,
+                                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
                                                   static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
              "layer_norm_fwd kernel launch");
-  return {y, mean, rstd};
+  return {y, mean, rstd, sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& residual,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
-                                                                   bool has_bias) {
-  ctxkern::check_layer_norm_bwd_args(dy, x, residual, weight, mean, rstd, at::kCUDA);
+                                                                   bool has_bias,
+                                                                   const std::optional<at::Tensor>& dsum) {
+  ctxkern::check_layer_norm_bwd_args(dy, x, residual, weight, mean, rstd, dsum, at::kCUDA);
   check_columns(x);
   const DType dtype = storage_dtype(x);
   const int64_t x_stride = row_stride(x);
@@ -142,6 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                  want_params ? workspace->data_ptr<float>() : nullptr, workspace_blocks, M, N, sm_count,
                  c10::cuda::getCurrentCUDAStream()),
              "layer_norm_bwd kernel launch");
+  // The prenorm sum's gradient reaches x and residual as is. Added here, as one more pass over dx: it is not
+  // fused into the backward kernels yet (the CPU and Triton kernels fuse it).
+  if (dsum) dx.add_(*dsum);
   return {dx, dweight, dbias};
 }
 

@@ -131,6 +131,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
                                                    const T* __restrict__ weight,   // (N,) or nullptr
                                                    const T* __restrict__ bias,     // (N,) or nullptr
                                                    T* __restrict__ y_row,          // (N,)
+                                                   T* __restrict__ sum_row,        // (N,) x + residual, or nullptr
                                                    float* __restrict__ mean_out,   // this row's mean
                                                    float* __restrict__ rstd_out,   // this row's rstd
                                                    int N, float eps, int t, TeamSum team_sum, TeamMax team_max) {
@@ -141,6 +142,7 @@ __device__ __forceinline__ void layer_norm_fwd_row(const T* __restrict__ x_row, 
     const int col = (c * TEAM + t) * VEC;
     if (col < N) {
       load_row_sum<T, VEC>(x_row, res_row, col, v[c]);
+      if (sum_row != nullptr) store_float<T, VEC>(sum_row + col, v[c]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sum += v[c][j];
     } else {
@@ -275,6 +277,7 @@ __global__ void __launch_bounds__(kWarpThreads)
                                const T* __restrict__ weight,    // (N,) or nullptr
                                const T* __restrict__ bias,      // (N,) or nullptr
                                T* __restrict__ y,               // (M, N) contiguous
+                               T* __restrict__ sum_out,         // (M, N) contiguous x + residual, or nullptr
                                float* __restrict__ mean,        // (M,)
                                float* __restrict__ rstd,        // (M,)
                                int64_t M, int N, float eps) {
@@ -286,7 +289,8 @@ __global__ void __launch_bounds__(kWarpThreads)
        row += static_cast<int64_t>(gridDim.x) * kWarpRowsPerBlock) {
     layer_norm_fwd_row<T, VEC, ITERS, kWarpSize>(
         x + row * x_stride, residual != nullptr ? residual + row * residual_stride : nullptr, weight, bias,
-        y + row * N, mean + row, rstd + row, N, eps, lane, team_sum, team_max);
+        y + row * N, sum_out != nullptr ? sum_out + row * N : nullptr, mean + row, rstd + row, N, eps, lane,
+        team_sum, team_max);
   }
 }
 
@@ -303,6 +307,7 @@ __global__ void __launch_bounds__(kRowThreads)
                                 const T* __restrict__ weight,    // (N,) or nullptr
                                 const T* __restrict__ bias,      // (N,) or nullptr
                                 T* __restrict__ y,               // (M, N) contiguous
+                                T* __restrict__ sum_out,         // (M, N) contiguous x + residual, or nullptr
                                 float* __restrict__ mean,        // (M,)
                                 float* __restrict__ rstd,        // (M,)
                                 int64_t M, int N, float eps) {
@@ -313,7 +318,8 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     layer_norm_fwd_row<T, VEC, ITERS, kRowThreads>(
         x + row * x_stride, residual != nullptr ? residual + row * residual_stride : nullptr, weight, bias,
-        y + row * N, mean + row, rstd + row, N, eps, t, team_sum, team_max);
+        y + row * N, sum_out != nullptr ? sum_out + row * N : nullptr, mean + row, rstd + row, N, eps, t,
+        team_sum, team_max);
   }
 }
 
@@ -357,6 +363,7 @@ __global__ void __launch_bounds__(kRowThreads)
                                  const T* __restrict__ weight,    // (N,) or nullptr
                                  const T* __restrict__ bias,      // (N,) or nullptr
                                  T* __restrict__ y,               // (M, N) contiguous
+                                 T* __restrict__ sum_out,         // (M, N) contiguous x + residual, or nullptr
                                  float* __restrict__ mean,        // (M,)
                                  float* __restrict__ rstd,        // (M,)
                                  int64_t M, int64_t N, float eps) {
@@ -367,6 +374,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const T* x_row = x + row * x_stride;
     const T* res_row = residual != nullptr ? residual + row * residual_stride : nullptr;
     T* y_row = y + row * N;
+    T* sum_row = sum_out != nullptr ? sum_out + row * N : nullptr;
 
     // One accumulator per vector lane: a row of 100000 is ~200 values per thread, and VEC chains of
     // ~200 / VEC additions each keep the rounding error (and the latency chain) shorter.
@@ -418,6 +426,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int64_t col = first; col < N; col += kStep) {
       float s[VEC], w[VEC], b[VEC], out[VEC];
       load_row_sum<T, VEC>(x_row, res_row, col, s);
+      if (sum_row != nullptr) store_float<T, VEC>(sum_row + col, s);
       load_or_fill<T, VEC>(weight, col, 1.f, w);
       load_or_fill<T, VEC>(bias, col, 0.f, b);
 #pragma unroll
@@ -749,25 +758,25 @@ bool dispatch_iters(int64_t chunks, IterList<First, Rest...>, F&& launch) {
 // layer_norm_fwd_launch with typed pointers (shapes as documented there) once the access width is chosen.
 template <typename T, int VEC>
 cudaError_t fwd_launch(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride, const T* weight,
-                       const T* bias, T* y, float* mean, float* rstd, int64_t M, int N, float eps,
+                       const T* bias, T* y, T* sum_out, float* mean, float* rstd, int64_t M, int N, float eps,
                        cudaStream_t stream) {
   bool dispatched = true;
   if (N <= kWarpMaxN) {
     const unsigned grid = static_cast<unsigned>(min64(ceil_div(M, kWarpRowsPerBlock), kMaxGrid));
     dispatched = dispatch_iters(ceil_div(N, kWarpSize * VEC), typename WarpIters<VEC>::type{}, [&](auto iters) {
       layer_norm_fwd_warp_kernel<T, VEC, decltype(iters)::value><<<grid, kWarpThreads, 0, stream>>>(
-          x, x_stride, residual, residual_stride, weight, bias, y, mean, rstd, M, N, eps);
+          x, x_stride, residual, residual_stride, weight, bias, y, sum_out, mean, rstd, M, N, eps);
     });
   } else if (N <= kFwdRowMaxN) {
     const unsigned grid = static_cast<unsigned>(min64(M, kMaxGrid));
     dispatched = dispatch_iters(ceil_div(N, kRowThreads * VEC), typename FwdBlockIters<VEC>::type{}, [&](auto iters) {
       layer_norm_fwd_block_kernel<T, VEC, decltype(iters)::value><<<grid, kRowThreads, 0, stream>>>(
-          x, x_stride, residual, residual_stride, weight, bias, y, mean, rstd, M, N, eps);
+          x, x_stride, residual, residual_stride, weight, bias, y, sum_out, mean, rstd, M, N, eps);
     });
   } else {
     const unsigned grid = static_cast<unsigned>(min64(M, kMaxGrid));
     layer_norm_fwd_stream_kernel<T, VEC><<<grid, kRowThreads, 0, stream>>>(
-        x, x_stride, residual, residual_stride, weight, bias, y, mean, rstd, M, N, eps);
+        x, x_stride, residual, residual_stride, weight, bias, y, sum_out, mean, rstd, M, N, eps);
   }
   if (!dispatched) return cudaErrorInvalidValue;
   return cudaGetLastError();
@@ -837,7 +846,8 @@ cudaError_t bwd_launch(const T* dy, int64_t dy_stride, const T* x, int64_t x_str
 
 cudaError_t layer_norm_fwd_launch(DType dtype, const void* x, int64_t x_stride, const void* residual,
                                   int64_t residual_stride, const void* weight, const void* bias, void* y,
-                                  float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t stream) {
+                                  void* sum_out, float* mean, float* rstd, int64_t M, int64_t N, float eps,
+                                  cudaStream_t stream) {
   if (M <= 0) return cudaSuccess;
   if (N < 1 || N > 0x7fffffff || x_stride < 0 || (residual != nullptr && residual_stride < 0)) {
     return cudaErrorInvalidValue;
@@ -847,17 +857,20 @@ cudaError_t layer_norm_fwd_launch(DType dtype, const void* x, int64_t x_stride, 
     constexpr int kVec = 16 / sizeof(T);
     const bool vec = N % kVec == 0 && rows_aligned(x, x_stride, kVec) &&
                      (residual == nullptr || rows_aligned(residual, residual_stride, kVec)) && aligned16(weight) &&
-                     aligned16(bias) && aligned16(y);
+                     aligned16(bias) && aligned16(y) && aligned16(sum_out);
     const auto* x_t = static_cast<const T*>(x);
     const auto* res_t = static_cast<const T*>(residual);
     const auto* w_t = static_cast<const T*>(weight);
     const auto* b_t = static_cast<const T*>(bias);
     auto* y_t = static_cast<T*>(y);
+    auto* sum_t = static_cast<T*>(sum_out);
     const int n = static_cast<int>(N);
     if (vec) {
-      return fwd_launch<T, kVec>(x_t, x_stride, res_t, residual_stride, w_t, b_t, y_t, mean, rstd, M, n, eps, stream);
+      return fwd_launch<T, kVec>(x_t, x_stride, res_t, residual_stride, w_t, b_t, y_t, sum_t, mean, rstd, M, n, eps,
+                                 stream);
     }
-    return fwd_launch<T, 1>(x_t, x_stride, res_t, residual_stride, w_t, b_t, y_t, mean, rstd, M, n, eps, stream);
+    return fwd_launch<T, 1>(x_t, x_stride, res_t, residual_stride, w_t, b_t, y_t, sum_t, mean, rstd, M, n, eps,
+                            stream);
   });
 }
 

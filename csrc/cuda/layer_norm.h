@@ -11,7 +11,8 @@
 namespace ctxkern {
 namespace cuda {
 
-// y = (s - mean) * rstd * weight + bias with s = x + residual (s = x when residual is nullptr), per row.
+// y = (s - mean) * rstd * weight + bias with s = x + residual (s = x when residual is nullptr), per row; s
+// is also written to sum_out unless it is nullptr (prenorm).
 // Requires 1 <= N <= INT32_MAX and row strides >= 0 (rows may repeat or overlap: x, residual and dy are only
 // read). M == 0 launches nothing.
 cudaError_t layer_norm_fwd_launch(DType dtype,
@@ -22,6 +23,7 @@ cudaError_t layer_norm_fwd_launch(DType dtype,
                                   const void* weight,    // (N,), or nullptr for 1
                                   const void* bias,      // (N,), or nullptr for 0
                                   void* y,               // (M, N) contiguous
+                                  void* sum_out,         // (M, N) contiguous, or nullptr
                                   float* mean,           // (M,)
                                   float* rstd,           // (M,) 1 / sqrt(biased var + eps)
                                   int64_t M, int64_t N, float eps, cudaStream_t stream);

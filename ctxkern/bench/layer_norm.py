@@ -1,4 +1,5 @@
-"""LayerNorm benchmark cases: forward, forward with residual, backward, at BERT-base and large widths."""
+"""LayerNorm benchmark cases: forward, forward with residual, prenorm (the norm and the sum, as a pre-LN block
+needs them), backward, at BERT-base and large widths."""
 from __future__ import annotations
 
 import torch
@@ -48,6 +49,31 @@ def _forward_case(x, w, b, r, with_compile: bool) -> Case:
     return case
 
 
+def _prenorm_case(x, w, b, r, with_compile: bool) -> Case:
+    """(LayerNorm(x + r), x + r): what torch users write is the sum, then F.layer_norm of it."""
+    (m, n), dtype = x.shape, x.dtype
+
+    def unfused(x, w, b, r):
+        total = x + r
+        return F.layer_norm(total, (n,), w, b), total
+
+    case = Case(
+        op="layer_norm_prenorm", shape=f"{m}x{n}", dtype=dtype,
+        bytes_moved=x.element_size() * (4 * m * n + 2 * n), flops=None,
+        reference=lambda: (layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, r.double()),
+                           x.double() + r.double()),
+        candidates=[Candidate("torch eager", lambda: unfused(x, w, b, r), baseline=True)],
+    )
+    if with_compile:
+        fn = compiled(unfused)
+        case.candidates.append(Candidate("torch.compile", lambda: fn(x, w, b, r), baseline=True))
+    for name in ctxkern_backends(x.device.type):
+        case.candidates.append(Candidate(
+            f"ctxkern.{name}", lambda name=name: ops.layer_norm(x, w, b, residual=r, prenorm=True, backend=name),
+            baseline=False))
+    return case
+
+
 def _backward_case(x, w, b, with_compile: bool) -> Case:
     (m, n), dtype = x.shape, x.dtype
     dy = torch.randn_like(x)
@@ -81,5 +107,6 @@ def cases(device: str, quick: bool, with_compile: bool) -> list[Case]:
         b = 0.1 * torch.randn(n, device=device, dtype=dtype)
         out.append(_forward_case(x, w, b, None, with_compile))
         if (m, n) != TINY:
-            out += [_forward_case(x, w, b, r, with_compile), _backward_case(x, w, b, with_compile)]
+            out += [_forward_case(x, w, b, r, with_compile), _prenorm_case(x, w, b, r, with_compile),
+                    _backward_case(x, w, b, with_compile)]
     return out
