@@ -71,10 +71,11 @@ def _write_tokenizer(encoder, folder: Path) -> None:
         tokenizer.save(str(folder / "tokenizer.json"))
     finally:
         tokenizer.enable_truncation(truncation["max_length"])
-    if encoder.source is not None:
+    source = encoder.transformer_folder
+    if source is not None and source.resolve() != folder.resolve():
         for name in TOKENIZER_FILES[1:]:
-            if (encoder.source / name).is_file() and encoder.source.resolve() != folder.resolve():
-                shutil.copy(encoder.source / name, folder / name)
+            if (source / name).is_file():
+                shutil.copy(source / name, folder / name)
 
 
 def _write_json(path: Path, value) -> None:

@@ -92,7 +92,10 @@ class SentenceEncoder(torch.nn.Module):
                              f"{sorted(self.prompts)}")
         self.default_prompt_name = default_prompt_name
         self.similarity_fn_name = similarity_fn_name
-        self.source: Optional[Path] = None          # the folder it was loaded from (save copies its tokenizer)
+        # The folder it was loaded from (an index's model identity) and its Transformer's (save copies the
+        # tokenizer's companion files from there); None when built in memory.
+        self.source_folder: Optional[Path] = None
+        self.transformer_folder: Optional[Path] = None
 
     @property
     def max_seq_length(self) -> int:
@@ -148,7 +151,7 @@ class SentenceEncoder(torch.nn.Module):
                           similarity_fn_name=st.get("similarity_fn_name"))
         except ValueError as err:
             raise CheckpointError(f"{folder / ST_CONFIG}: {err}") from err
-        encoder.source = transformer
+        encoder.source_folder, encoder.transformer_folder = folder, transformer
         return encoder
 
     def save(self, path) -> Path:
