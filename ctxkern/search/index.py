@@ -184,10 +184,11 @@ class Index:
 
     # -- searching
 
-    def search(self, queries, k: int = 10, *, encoder=None, batch_size: int = 32) -> list[list[Hit]]:
+    def search(self, queries, k: int = 10, *, encoder=None, batch_size: int = 32,
+               exact: bool = False) -> list[list[Hit]]:
         """The k best texts for each query, best first: [[Hit(score, line, text, id)] per query]. queries: a
         string or a list of strings (encoded with `encoder`, which must be the index's model) or embeddings
-        (M, D)."""
+        (M, D). exact=True searches exactly even where there is a FAISS index."""
         if isinstance(queries, str):
             queries = [queries]
         if isinstance(queries, (list, tuple)) and all(isinstance(q, str) for q in queries):
@@ -195,11 +196,11 @@ class Index:
                 raise ValueError("text queries need the encoder the index was built with (encoder=...)")
             self.check_encoder(encoder)
             queries = encoder.encode(list(queries), batch_size=batch_size, convert_to_numpy=True)
-        scores, ids = self.search_embeddings(queries, k)
+        scores, ids = self.search_embeddings(queries, k, exact=exact)
         return [[Hit(float(s), int(self.lines[i]), self.text(int(i)), int(i)) for s, i in zip(row_s, row_i) if i >= 0]
                 for row_s, row_i in zip(scores, ids)]
 
-    def search_embeddings(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search_embeddings(self, queries, k: int = 10, *, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(M, D) query embeddings -> scores (M, k') float32 and row ids (M, k') int64, best first;
         k' = min(k, len(self)). Exact unless the index has a FAISS index."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -208,7 +209,7 @@ class Index:
         k = min(k, len(self))
         if k == 0 or len(queries) == 0:
             return np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
-        if self._faiss is not None:
+        if self._faiss is not None and not exact:
             return self._faiss.search(queries, k)
         corpus = torch.from_numpy(self.embeddings)
         scores, ids = [], []
