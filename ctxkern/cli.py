@@ -50,18 +50,12 @@ def _load_encoder(args, quiet: bool = False):
 
 
 def _embed(args) -> int:
+    from ctxkern.cli_embed import print_similarity
     from ctxkern.search import cosine_similarity_matrix
 
     encoder = _load_encoder(args)
-    if args.word:
-        vectors, what = encoder.word_vectors(args.sentences, args.word), f"contextual embeddings of {args.word!r}"
-    else:
-        vectors, what = encoder.encode(args.sentences), "sentence embeddings"
-    similarity = cosine_similarity_matrix(vectors, vectors).cpu()
-    print(f"cosine similarity of the {what}:")
-    print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(args.sentences))))
-    for i, row in enumerate(similarity.tolist()):
-        print(f"{f'[{i}]':<5}" + "".join(f"{x:8.3f}" for x in row) + f"   {args.sentences[i]}")
+    vectors = encoder.word_vectors(args.sentences, args.word) if args.word else encoder.encode(args.sentences)
+    print_similarity(cosine_similarity_matrix(vectors, vectors).cpu(), args.sentences, args.word)
     return 0
 
 
