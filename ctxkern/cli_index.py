@@ -1,7 +1,6 @@
 """`ctxkern index build|merge|info` and `ctxkern search --index`: a persistent index (ctxkern.search.Index)."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -24,7 +23,8 @@ def add_index_parser(sub, model_arguments) -> None:
     build.add_argument("--out", required=True, help="the index folder to write (replaced if it holds an index)")
     build.add_argument("--jsonl-field", metavar="FIELD",
                        help="read the corpus as JSONL and index this string field of each line")
-    build.add_argument("--batch-size", type=positive_int, default=32, help="sentences per encoder batch (default 32)")
+    build.add_argument("--batch-size", type=int, default=32,
+                       help="sentences per encoder batch (default 32)")
     _faiss_arguments(build)
     build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     model_arguments(build)
@@ -68,6 +68,8 @@ def _build(args) -> int:
     from ctxkern.cli import _load_encoder
     from ctxkern.search import Index, read_corpus_file
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     spec, params = _faiss_choice(args)
     corpus = read_corpus_file(args.corpus, jsonl_field=args.jsonl_field)
     print(f"corpus {corpus.name}: {len(corpus.texts)} documents, {corpus.skipped} empty lines skipped")
@@ -133,12 +135,3 @@ def search_index(args) -> int:
         print(f"{hit.score:7.4f}  line {hit.line}: {hit.text}")
     return 0
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
