@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ def main() -> None:
     from ctxkern.search import Index
     from ctxkern.search.distributed import encode_shards
 
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     texts = comment_lines(args.docs)
     lines = list(range(1, len(texts) + 1))
     threads = torch.get_num_threads()
@@ -60,8 +63,7 @@ def main() -> None:
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                 cwd=ROOT).stdout.strip(),
+        "commit": commit, "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         "documents": len(texts), "single_process_threads": threads, "ray_workers": args.workers,
         "ray_threads_per_worker": 1, "shard_docs": args.shard_docs, "ray_version": ray.__version__,
         "single_process_seconds": round(single, 2), "ray_init_seconds": round(ray_start, 2),
@@ -73,7 +75,8 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = "\n".join([
         f"# Distributed encoding overhead ({result['date']}, commit `{result['commit']}`, Ray {ray.__version__})", "",
-        f"{len(texts)} documents (comment lines of the installed packages), bundled all-MiniLM-L6-v2, batch 64.", "",
+        f"{len(texts)} documents (comment lines of the installed packages), bundled all-MiniLM-L6-v2, batch 64; "
+        f"load average {result['load_average_at_end']} on 2 cores shared with other jobs.", "",
         "| path | seconds | vs single process |", "|---|---|---|",
         f"| one process, {threads} torch threads (Index.build + save) | {result['single_process_seconds']} | 1.00x |",
         f"| Ray Data, {args.workers} workers x 1 thread, shards of {args.shard_docs} + merge + save, Ray running "

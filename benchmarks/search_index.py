@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -94,6 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()                       # the code measured, read before it runs
     index_dir, queries, build_seconds = build(work, args.docs, args.random_embeddings)
     print(f"index {index_dir}: built in {build_seconds:.1f} s", flush=True)
 
@@ -132,12 +135,11 @@ def main() -> None:
     assert len(hits) == N_QUERIES
 
     result = {
-        "date": time.strftime("%Y-%m-%d"), "commit": subprocess.run(["git", "rev-parse", "--short=12", "HEAD"],
-                                                                   capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "documents": len(index), "embeddings": "random unit vectors" if args.random_embeddings else
         "all-MiniLM-L6-v2 (bundled), encoded by ctxkern index build", "faiss": f"{index.faiss_spec} ({index.faiss_params})",
-        "build_seconds": round(build_seconds, 1), "index_load_seconds": round(load_seconds, 3),
+        "build_seconds": round(build_seconds, 1), "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "index_load_seconds": round(load_seconds, 3),
         "cli_search_seconds": [round(t, 3) for t in cli], "cli_search_median_seconds": round(statistics.median(cli), 3),
         "python_start_seconds": round(python_start, 3), "import_torch_seconds": round(torch_import, 3),
         "import_ctxkern_seconds": round(ctxkern_import, 3),
@@ -159,7 +161,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     return "\n".join([
         f"# Search index at {r['documents']:,} documents ({r['date']}, commit `{r['commit']}`)", "",
-        f"{r['machine']}; embeddings: {r['embeddings']}; approximate index: FAISS {r['faiss']}.", "",
+        f"{r['machine']} (load average {r['load_average_at_end']}: other jobs shared the 2 cores); embeddings: "
+        f"{r['embeddings']}; approximate index: FAISS {r['faiss']}.", "",
         "| measure | value |", "|---|---|",
         f"| `ctxkern index build --approximate` (encode + save) | {r['build_seconds']} s |",
         f"| `ctxkern search --index DIR --query ... --top 10`, end to end, median of {len(r['cli_search_seconds'])} "
