@@ -63,28 +63,28 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return elapsed, proc.stdout
 
 
-def build(work: Path, docs: int, random_embeddings: bool) -> tuple[Path, list[str], float]:
+def build(work: Path, docs: int, random_embeddings: bool, commit: str) -> tuple[Path, list[str], dict]:
     texts = comment_lines(docs + N_QUERIES)
     corpus, queries = texts[:docs], texts[docs:]
     index_dir = work / f"index-{docs}{'-random' if random_embeddings else ''}"
-    seconds = json.loads((index_dir / "build.json").read_text())["seconds"] if (index_dir / "build.json").is_file() \
-        else None
-    if seconds is None:
-        (work / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-        if random_embeddings:
-            from ctxkern.search import Index
+    if (index_dir / "build.json").is_file():                               # built by an earlier run
+        return index_dir, queries, json.loads((index_dir / "build.json").read_text())
+    (work / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    if random_embeddings:
+        from ctxkern.search import Index
 
-            start = time.perf_counter()
-            vectors = np.random.default_rng(0).standard_normal((docs, 384)).astype(np.float32)
-            index = Index(384, faiss="HNSW32", faiss_params="efSearch=128")
-            index.add(corpus, vectors)
-            index.save(index_dir)
-            seconds = time.perf_counter() - start
-        else:
-            seconds, _ = timed([sys.executable, "-m", "ctxkern", "index", "build", str(work / "corpus.txt"),
-                                "--out", str(index_dir), "--approximate", "--batch-size", "64"])
-        (index_dir / "build.json").write_text(json.dumps({"seconds": seconds}))
-    return index_dir, queries, seconds
+        start = time.perf_counter()
+        vectors = np.random.default_rng(0).standard_normal((docs, 384)).astype(np.float32)
+        index = Index(384, faiss="HNSW32", faiss_params="efSearch=128")
+        index.add(corpus, vectors)
+        index.save(index_dir)
+        seconds = time.perf_counter() - start
+    else:
+        seconds, _ = timed([sys.executable, "-m", "ctxkern", "index", "build", str(work / "corpus.txt"),
+                            "--out", str(index_dir), "--approximate", "--batch-size", "64"])
+    built = {"seconds": seconds, "commit": commit, "load_average": [round(x, 1) for x in os.getloadavg()]}
+    (index_dir / "build.json").write_text(json.dumps(built))
+    return index_dir, queries, built
 
 
 def main() -> None:
@@ -97,7 +97,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()                       # the code measured, read before it runs
-    index_dir, queries, build_seconds = build(work, args.docs, args.random_embeddings)
+    index_dir, queries, built = build(work, args.docs, args.random_embeddings, commit)
+    build_seconds = built["seconds"]
     print(f"index {index_dir}: built in {build_seconds:.1f} s", flush=True)
 
     # Process start and imports alone, then `ctxkern search --index` as typed (median of the queries).
@@ -139,7 +140,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "documents": len(index), "embeddings": "random unit vectors" if args.random_embeddings else
         "all-MiniLM-L6-v2 (bundled), encoded by ctxkern index build", "faiss": f"{index.faiss_spec} ({index.faiss_params})",
-        "build_seconds": round(build_seconds, 1), "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "index_load_seconds": round(load_seconds, 3),
+        "build_seconds": round(build_seconds, 1), "build_commit": built.get("commit"),
+        "build_load_average": built.get("load_average"), "load_average_at_end": [round(x, 1) for x in os.getloadavg()], "index_load_seconds": round(load_seconds, 3),
         "cli_search_seconds": [round(t, 3) for t in cli], "cli_search_median_seconds": round(statistics.median(cli), 3),
         "python_start_seconds": round(python_start, 3), "import_torch_seconds": round(torch_import, 3),
         "import_ctxkern_seconds": round(ctxkern_import, 3),
@@ -164,7 +166,8 @@ def markdown(r: dict) -> str:
         f"{r['machine']} (load average {r['load_average_at_end']}: other jobs shared the 2 cores); embeddings: "
         f"{r['embeddings']}; approximate index: FAISS {r['faiss']}.", "",
         "| measure | value |", "|---|---|",
-        f"| `ctxkern index build --approximate` (encode + save) | {r['build_seconds']} s |",
+        f"| `ctxkern index build --approximate` (encode + save; at `{r['build_commit']}`, load average "
+        f"{r['build_load_average']}) | {r['build_seconds']} s |",
         f"| `ctxkern search --index DIR --query ... --top 10`, end to end, median of {len(r['cli_search_seconds'])} "
         f"| {r['cli_search_median_seconds']} s |",
         f"| of which: Python start / `import torch` / `import ctxkern` (separate processes) | "
