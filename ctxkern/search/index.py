@@ -115,6 +115,7 @@ class Index:
         self._texts: list[str] = []
         self._text_store: Optional[_TextStore] = None       # a loaded index reads its texts on demand
         self._faiss = self._new_faiss() if faiss else None
+        self._corpus: Optional[torch.Tensor] = None          # the embeddings as a tensor, for exact search
         self.skipped = 0                                     # empty corpus lines left out (reported, kept)
 
     def __len__(self) -> int:
@@ -153,6 +154,7 @@ class Index:
         if lines.shape != (len(texts),):
             raise ValueError(f"lines must hold one number per text ({len(texts)}), got shape {lines.shape}")
         self._materialize_texts()
+        self._corpus = None
         self.embeddings = np.concatenate([self.embeddings, embeddings])
         self.lines = np.concatenate([self.lines, lines])
         self._texts.extend(texts)
@@ -211,7 +213,9 @@ class Index:
             return np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
         if self._faiss is not None and not exact:
             return self._faiss.search(queries, k)
-        corpus = torch.from_numpy(self.embeddings)
+        if self._corpus is None:     # a loaded index maps embeddings.npy read-only: copied on its first exact search
+            self._corpus = torch.from_numpy(np.require(self.embeddings, requirements=["C", "W"]))
+        corpus = self._corpus
         scores, ids = [], []
         for start in range(0, len(queries), QUERY_CHUNK):
             chunk = torch.from_numpy(queries[start:start + QUERY_CHUNK])
@@ -302,7 +306,8 @@ class Index:
         index = cls(meta["dim"], model=meta["model"], metric=meta["metric"], faiss=None,
                     faiss_params=meta.get("faiss_params"))
         index.faiss_spec, index.skipped = meta.get("faiss"), meta.get("skipped_lines", 0)
-        index.embeddings = _load_array(path, "embeddings.npy", np.float32, (meta["count"], meta["dim"]))
+        # Mapped, not read: a FAISS search never touches it, and an exact one reads it once.
+        index.embeddings = _load_array(path, "embeddings.npy", np.float32, (meta["count"], meta["dim"]), mmap=True)
         index.lines = _load_array(path, "lines.npy", np.int64, (meta["count"],))
         offsets = _load_array(path, "texts.offsets.npy", np.int64, (meta["count"] + 1,))
         index._text_store = _TextStore(path / "texts.jsonl", offsets)
@@ -392,9 +397,9 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _load_array(path: Path, name: str, dtype, shape: tuple) -> np.ndarray:
+def _load_array(path: Path, name: str, dtype, shape: tuple, mmap: bool = False) -> np.ndarray:
     try:
-        array = np.load(path / name, allow_pickle=False)
+        array = np.load(path / name, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as err:
         raise IndexFormatError(f"index {path}: {name} is unreadable ({err})") from None
     if array.dtype != dtype or array.shape != shape:
