@@ -103,10 +103,15 @@ def test_save_load_round_trip_and_add(corpus_index, encoder, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ix"], "no temporary folder is left behind"
 
 
-def test_another_model_is_refused_by_name(corpus_index, small_bert, tmp_path):
+def test_another_model_is_refused_by_name(corpus_index, encoder, small_bert, tmp_path):
     other = SentenceEncoder.from_pretrained(small_bert)
     with pytest.raises(ValueError, match=r"built with model 'all-MiniLM-L6-v2 \(bundled\)', not '.*small_bert"):
         corpus_index.search("a query", encoder=other)
+    fresh = Index(encoder.dim)                       # no model yet: the first encoder added with becomes it
+    fresh.add(["a text"], encoder=encoder)
+    assert fresh.model["name"] == "all-MiniLM-L6-v2 (bundled)"
+    with pytest.raises(ValueError, match="built with model"):
+        fresh.add(["more"], encoder=other)
 
 
 def test_interrupted_save_leaves_the_previous_index(tmp_path, monkeypatch):

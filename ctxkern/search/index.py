@@ -143,6 +143,8 @@ class Index:
         if (embeddings is None) == (encoder is None):
             raise ValueError("add needs either embeddings or an encoder, not both")
         if encoder is not None:
+            if self.model is None and not len(self):    # an index made without a model takes its first encoder's
+                self.model = model_identity(encoder)
             self.check_encoder(encoder)
             embeddings = encoder.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar,
                                         convert_to_numpy=True)
