@@ -253,3 +253,17 @@ def test_cli_errors_name_the_file_or_line(tmp_path, small_bert, corpus_index):
     corpus_index.save(tmp_path / "ix")
     other = ctxkern_cli("search", "--index", str(tmp_path / "ix"), "--query", "x", "--model", str(small_bert))
     assert other.returncode == 2 and "built with model 'all-MiniLM-L6-v2 (bundled)'" in other.stderr.decode()
+
+
+def test_a_query_past_the_model_limit_is_truncated_and_said(corpus_index, tmp_path, capsys):
+    from ctxkern import cli
+
+    corpus_index.save(tmp_path / "ix")
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["search", "--index", str(tmp_path / "ix"), "--query", "bank " * 400, "--top", "2"])
+    finally:
+        torch.set_num_threads(threads)             # the query path runs on one thread
+    out = capsys.readouterr()
+    assert rc == 0 and "reaches the model's limit of 256 tokens" in out.err
+    assert len([line for line in out.out.splitlines() if " line " in line]) == 2
