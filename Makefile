@@ -13,11 +13,26 @@ CSRC := $(shell find csrc -type f)
 POLYSEMY := "The bank approved my loan application." "I sat on the bank of the river." "Please bank the fire before leaving."
 
 demo: build
-	$(PY) -m ctxkern info
-	$(PY) -m ctxkern embed $(POLYSEMY)
-	$(PY) -m ctxkern embed --word bank $(POLYSEMY) "Interest rates at the central bank rose again this year."
-	$(PY) -m ctxkern search --query "How do neural networks learn?" --top 3
-	$(PY) -m ctxkern bench --device cpu --quick --out bench-out
+	@echo "== 1. What this machine has: versions, devices, and which kernel backends can run"
+	@$(PY) -m ctxkern info
+	@echo
+	@echo "== 2. Three sentences with the word 'bank', embedded by all-MiniLM-L6-v2 on ctxkern's kernels:"
+	@echo "==    how alike each pair of sentences is as a whole (cosine similarity of their embeddings)"
+	@$(PY) -m ctxkern embed $(POLYSEMY)
+	@echo
+	@echo "== 3. The same word in four sentences: its contextual embedding changes with its sense"
+	@$(PY) -m ctxkern embed --word bank $(POLYSEMY) "Interest rates at the central bank rose again this year."
+	@echo
+	@echo "== 4. Semantic search: the built-in 20-sentence corpus ranked by meaning against a question"
+	@$(PY) -m ctxkern search --query "How do neural networks learn?" --top 3
+	@echo
+	@echo "== 5. A persistent index: encode the corpus once (read from stdin), then search it by line number"
+	@$(PY) -c "from ctxkern.search import DEFAULT_CORPUS; print(*DEFAULT_CORPUS, sep='\n')" | \
+		$(PY) -m ctxkern index build - --out demo-index --no-progress
+	@$(PY) -m ctxkern search --index demo-index --query "Where does money come from?" --top 3
+	@echo
+	@echo "== 6. A quick benchmark of every kernel against PyTorch (small shapes; tables in bench-out/)"
+	@$(PY) -m ctxkern bench --device cpu --quick --out bench-out
 
 # pytest exits 5 when it collected no test: a run that tests nothing is a failure.
 test: build
@@ -46,5 +61,5 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 # Every built module (ctxkern/_C and each ctxkern/_cpu_<isa>, as `pip install -e .` writes them in place) and
 # the build stamp, so that the next `make` builds again; only build outputs, never a source.
 clean:
-	rm -rf build dist *.egg-info bench-out
+	rm -rf build dist *.egg-info bench-out demo-index
 	rm -f ctxkern/*.so $(VENV)/.built

@@ -39,28 +39,23 @@ def _bench(args) -> int:
     return 1 if any("error" in row for row in result["rows"]) else 0
 
 
-def _load_encoder(args):
+def _load_encoder(args, quiet: bool = False):
     from ctxkern.models import SentenceEncoder
 
     encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, backend=args.backend)
     name = "all-MiniLM-L6-v2 (bundled)" if args.model is None else str(args.model)
-    print(f"model {name}, {encoder.dim}-dim, on {args.device}, backend {args.backend}")
+    if not quiet:
+        print(f"model {name}, {encoder.dim}-dim, on {args.device}, backend {args.backend}")
     return encoder
 
 
 def _embed(args) -> int:
+    from ctxkern.cli_embed import print_similarity
     from ctxkern.search import cosine_similarity_matrix
 
     encoder = _load_encoder(args)
-    if args.word:
-        vectors, what = encoder.word_vectors(args.sentences, args.word), f"contextual embeddings of {args.word!r}"
-    else:
-        vectors, what = encoder.encode(args.sentences), "sentence embeddings"
-    similarity = cosine_similarity_matrix(vectors, vectors).cpu()
-    print(f"cosine similarity of the {what}:")
-    print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(args.sentences))))
-    for i, row in enumerate(similarity.tolist()):
-        print(f"{f'[{i}]':<5}" + "".join(f"{x:8.3f}" for x in row) + f"   {args.sentences[i]}")
+    vectors = encoder.word_vectors(args.sentences, args.word) if args.word else encoder.encode(args.sentences)
+    print_similarity(cosine_similarity_matrix(vectors, vectors).cpu(), args.sentences, args.word)
     return 0
 
 
@@ -69,6 +64,10 @@ def _search(args) -> int:
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    if args.index:
+        from ctxkern.cli_index import search_index
+
+        return search_index(args)
     corpus = read_corpus(args.corpus) if args.corpus else list(DEFAULT_CORPUS)
     encoder = _load_encoder(args)
     query, documents = encoder.encode([args.query]), encoder.encode(corpus)
@@ -111,6 +110,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ctxkern import __version__
+    from ctxkern.cli_index import add_index_parser, add_search_arguments
 
     parser = argparse.ArgumentParser(prog="ctxkern", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ctxkern {__version__}",
@@ -121,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--word", help="compare this word's contextual embedding in each sentence instead")
     _model_arguments(embed)
     embed.set_defaults(run=_embed)
-    search = sub.add_parser("search", help="rank a corpus by similarity to a query")
+    search = sub.add_parser("search", help="rank a corpus, or a saved index, by similarity to a query")
     search.add_argument("--query", required=True, help="the text to search for")
-    search.add_argument("--corpus", help="a text file, one sentence per line (default: a small built-in corpus)")
+    search.add_argument("--corpus", help="a text file, one sentence per line, encoded for this query (default: a "
+                                         "small built-in corpus); - reads stdin")
+    add_search_arguments(search)
     search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
     _model_arguments(search)
     search.set_defaults(run=_search)
+    add_index_parser(sub, _model_arguments)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers",
                            description="Checks every candidate against a float64 reference, times it, prints a "
@@ -147,6 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, TypeError) as err:
+    except (ValueError, RuntimeError, TypeError, FileNotFoundError) as err:
         print(f"ctxkern: error: {err}", file=sys.stderr)
         return 2

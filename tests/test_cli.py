@@ -122,12 +122,13 @@ def _options(parser: argparse.ArgumentParser, path: str = "ctxkern"):
 def test_every_option_and_subcommand_has_help_text():
     options = list(_options(cli.build_parser()))
     commands = {path for path, _ in options}
-    assert commands == {"ctxkern", "ctxkern embed", "ctxkern search", "ctxkern info", "ctxkern bench"}
+    assert commands == {"ctxkern", "ctxkern embed", "ctxkern search", "ctxkern info", "ctxkern bench",
+                        "ctxkern index", "ctxkern index build", "ctxkern index merge", "ctxkern index info"}
     missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in options
                if not a.help or a.help == argparse.SUPPRESS]
     assert not missing, f"no help text: {missing}"
     named = {opt for _, a in options for opt in a.option_strings}
     assert {"--query", "--device", "--backend", "--model", "--corpus", "--top", "--word", "--out", "--threads",
-            "--quick", "--no-compile", "--op", "--version"} <= named
+            "--quick", "--no-compile", "--op", "--version", "--index", "--jsonl-field", "--approximate"} <= named
     subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert all(choice.help for choice in subparsers._choices_actions)

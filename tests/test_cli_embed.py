@@ -98,3 +98,20 @@ def test_bad_arguments_give_a_clear_error(args, message):
 def test_cuda_device_without_cuda_is_a_clear_error():
     proc = ctxkern_cli("embed", "a sentence", "--device", "cuda")
     assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr, proc.stderr
+
+
+def test_embed_word_ranks_the_pairs_and_names_the_most_different():
+    sentences = [*POLYSEMY[:2], "Interest rates at the central bank rose again this year."]
+    proc = ctxkern_cli("embed", "--word", "bank", *sentences)
+    assert proc.returncode == 0, proc.stderr
+    sim = printed_matrix(proc.stdout, 3)
+    pairs = re.findall(r"^\s+(-?\d\.\d{3})  \[(\d)\] .+  ~  \[(\d)\] ", proc.stdout, re.MULTILINE)
+    assert len(pairs) == 3, proc.stdout
+    for score, i, j in pairs:
+        assert abs(float(score) - sim[int(i), int(j)].item()) <= 1e-3
+    assert [float(s) for s, _, _ in pairs] == sorted((float(s) for s, _, _ in pairs), reverse=True)
+    _, i, j = pairs[-1]
+    labels = {"0": "'The (bank) approved my loan'", "1": "'sat on the (bank) of the river'",
+              "2": "'at the central (bank) rose again this'"}
+    assert f"most different: {labels[i]} vs {labels[j]}" in proc.stdout, proc.stdout
+    assert "1 = same direction, 0 = unrelated" in proc.stdout

@@ -1,10 +1,12 @@
-"""Cosine similarity and semantic search over sentence embeddings, and the built-in corpus of `ctxkern search`."""
+"""Semantic search over sentence embeddings: a persistent Index (exact, or approximate on FAISS), corpus reading,
+cosine similarity and top-k, and the built-in corpus of `ctxkern search`."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ctxkern.search.corpus import Corpus, read_corpus_file
+from ctxkern.search.index import Hit, Index, IndexFormatError, model_identity
 
 DEFAULT_CORPUS = (
     "Deep learning is a subfield of machine learning.",
@@ -31,16 +33,8 @@ DEFAULT_CORPUS = (
 
 
 def read_corpus(path) -> list[str]:
-    """One sentence per line; blank lines are skipped."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"corpus {path}: cannot read it as UTF-8 text ({err})") from err
-    sentences = [line.strip() for line in lines if line.strip()]
-    if not sentences:
-        raise ValueError(f"corpus {path}: holds no sentence (one per line expected)")
-    return sentences
+    """One sentence per line (a path, or "-" for stdin); blank lines are skipped."""
+    return read_corpus_file(path).texts
 
 
 def cosine_similarity_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -54,3 +48,6 @@ def top_k(query: Tensor, corpus: Tensor, k: int) -> list[tuple[int, float]]:
     scores = cosine_similarity_matrix(query[None], corpus)[0]
     best = scores.topk(min(k, len(scores)))
     return list(zip(best.indices.tolist(), best.values.tolist()))
+
+__all__ = ["Corpus", "DEFAULT_CORPUS", "Hit", "Index", "IndexFormatError", "cosine_similarity_matrix", "model_identity",
+           "read_corpus", "read_corpus_file", "top_k"]
