@@ -9,7 +9,7 @@ from ctxkern.models._linear import ACTIVATIONS, Linear
 
 REFERENCE = {None: lambda x: x, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
              "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-             "swish": F.silu}
+             "swish": F.silu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
 
 def float64_reference(layer, x):

@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm)
-ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], str, str]] = {
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's QuickGELU, x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm); post-op None:
+# oneDNN has no such post-op, so its product is followed by the eager function.
+ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], Optional[str], str]] = {
     None: (lambda x: x, "none", ""),
     "gelu": (F.gelu, "gelu", "none"),
     "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
@@ -30,6 +38,7 @@ ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], str, str]] = 
     "relu": (F.relu, "relu", ""),
     "silu": (F.silu, "swish", ""),
     "swish": (F.silu, "swish", ""),
+    "quick_gelu": (quick_gelu, None, ""),
 }
 
 
@@ -66,8 +75,10 @@ class Linear(torch.nn.Linear):
             m = rows.shape[0]
             # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
             padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
-            out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, post_op, [], algorithm)
-            return out[:m].view(*x.shape[:-1], out.shape[-1])
+            out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, post_op or "none", [],
+                                                     algorithm)
+            out = out[:m].view(*x.shape[:-1], out.shape[-1])
+            return out if post_op is not None else eager(out)
         return eager(F.linear(x, self.weight, self.bias))
 
     def onednn_serves(self, x: Tensor) -> bool:
