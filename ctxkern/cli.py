@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
     _model_arguments(search)
     search.set_defaults(run=_search)
+    from ctxkern import cli_clip
+
+    cli_clip.add_parser(sub, _default_device(), BACKENDS)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers",
                            description="Checks every candidate against a float64 reference, times it, prints a "
