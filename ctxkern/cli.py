@@ -80,7 +80,7 @@ def _search(args) -> int:
 
 # The ops `ctxkern bench --op` takes, listed here so that `--help` does not import the harness (and with it
 # the models); tests/test_cli.py checks that it equals ctxkern.bench.OPS.
-BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert")
+BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert", "clip")
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 

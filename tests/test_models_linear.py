@@ -84,3 +84,21 @@ def test_row_buckets_are_few_and_tight():
     for m, b in buckets.items():
         assert b >= m and _linear.row_bucket(b) == b
         assert b - m < (8 if m < 256 else m / 16 + 1e-9)
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_quick_gelu_scaled_parameters_follow_changes_of_the_weights(onednn_calls):
+    """QuickGELU runs as oneDNN's swish on 1.702-scaled copies of the parameters, cached: a change of the
+    parameters (in place, or a new tensor) must reach the output."""
+    layer = Linear(48, 40, activation="quick_gelu")
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(-0.5)
+        layer.bias.add_(1.0)
+    with torch.inference_mode():
+        assert_fp32_close(layer(x), float64_reference(layer, x))
+    layer.weight = torch.nn.Parameter(torch.randn(40, 48))
+    with torch.inference_mode():
+        assert_fp32_close(layer(x), float64_reference(layer, x))

@@ -34,7 +34,11 @@ Spec = Union[str, Transposed, list]     # the checkpoint's name, transposed name
 # ----------------------------------------------------------------------------- configs
 
 def hf_config(path: Path) -> ClipConfig:
-    raw = read_json(path)
+    return hf_config_from_dict(read_json(path), path)
+
+
+def hf_config_from_dict(raw: dict, path) -> ClipConfig:
+    """A CLIPConfig's dict (config.json, or CLIPConfig.to_dict()); path names it in errors."""
     if raw.get("model_type") != "clip":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, not 'clip' (a CLIPModel "
                               "checkpoint is expected)")
@@ -190,6 +194,26 @@ def _ignorable(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- loading
 
+def from_tensors(cls, config: ClipConfig, table: dict[str, Spec], tensors: dict[str, Tensor],
+                 source: dict[str, Path], config_name: str, backend: str):
+    """The model of config holding the checkpoint's tensors (no copy where the layouts agree), every name and
+    shape checked; source: the file of each tensor, for the errors."""
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_tensors(_expected_shapes(table, ours), tensors, source, ignore=_ignorable, config_name=config_name)
+    model.load_state_dict(_state(table, tensors), assign=True)
+    return model
+
+
+def from_hf_model(cls, hf_model, *, backend: str = "auto"):
+    """A Clip holding a transformers CLIPModel's weights (in memory, on its device and dtype)."""
+    config = hf_config_from_dict(hf_model.config.to_dict(), "the CLIPModel's config")
+    tensors = dict(hf_model.state_dict())
+    source = {name: Path("the CLIPModel's state_dict") for name in tensors}
+    return from_tensors(cls, config, hf_table(config), tensors, source, "its config", backend).eval()
+
+
 def load(cls, path: Path, *, device=None, dtype=None, backend: str = "auto"):
     device, dtype = check_device(device), check_dtype(dtype)
     folder = path.expanduser()
@@ -207,11 +231,7 @@ def load(cls, path: Path, *, device=None, dtype=None, backend: str = "auto"):
     else:
         raise CheckpointError(f"{folder}: neither config.json (a Hugging Face CLIP folder) nor {OPEN_CLIP_CONFIG} "
                               "(an open_clip folder)")
-    with torch.device("meta"):
-        model = cls(config, backend=backend)
-    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    check_tensors(_expected_shapes(table, ours), tensors, source, ignore=_ignorable, config_name=config_name)
-    model.load_state_dict(_state(table, tensors), assign=True)
+    model = from_tensors(cls, config, table, tensors, source, config_name, backend)
     context = config.text.max_position_embeddings
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
     model.tokenizer = (ClipTokenizer.from_folder(folder, context=context, open_clip=is_open_clip)

@@ -23,14 +23,18 @@ from torch import Tensor
 
 
 
+QUICK_GELU_ALPHA = 1.702
+
+
 def quick_gelu(x: Tensor) -> Tensor:
     """CLIP's QuickGELU, x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
 
 
-# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm); post-op None:
-# oneDNN has no such post-op, so its product is followed by the eager function.
-ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], Optional[str], str]] = {
+# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm).
+# QuickGELU has no oneDNN post-op of its own (torch passes swish no alpha), but
+# z * sigmoid(a z) = swish(a z) / a, and a z is the product with a-scaled parameters: see Linear.
+ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], str, str]] = {
     None: (lambda x: x, "none", ""),
     "gelu": (F.gelu, "gelu", "none"),
     "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
@@ -38,7 +42,7 @@ ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], Optional[str]
     "relu": (F.relu, "relu", ""),
     "silu": (F.silu, "swish", ""),
     "swish": (F.silu, "swish", ""),
-    "quick_gelu": (quick_gelu, None, ""),
+    "quick_gelu": (quick_gelu, "swish", ""),
 }
 
 
@@ -75,11 +79,27 @@ class Linear(torch.nn.Linear):
             m = rows.shape[0]
             # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
             padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
-            out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, post_op or "none", [],
-                                                     algorithm)
-            out = out[:m].view(*x.shape[:-1], out.shape[-1])
-            return out if post_op is not None else eager(out)
+            weight, bias = self._onednn_parameters()
+            out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, post_op, [], algorithm)
+            if self.activation == "quick_gelu":
+                out.div_(QUICK_GELU_ALPHA)                                    # swish(a z) / a, in place
+            return out[:m].view(*x.shape[:-1], out.shape[-1])
         return eager(F.linear(x, self.weight, self.bias))
+
+    def _onednn_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The parameters, or for QuickGELU their 1.702-scaled copies (cached until a parameter changes: the key
+        holds their storage and version counters), so that swish(x (a W)^T + a b) / a = QuickGELU(x W^T + b)."""
+        if self.activation != "quick_gelu":
+            return self.weight, self.bias
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_scaled_for_onednn")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                scaled = [QUICK_GELU_ALPHA * p for p in params]
+            cached = (key, scaled[0], scaled[1] if self.bias is not None else None)
+            self.__dict__["_scaled_for_onednn"] = cached
+        return cached[1], cached[2]
 
     def onednn_serves(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
