@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from ctxkern import nn, ops
-from ctxkern.integrations import _attention
-from ctxkern.integrations._transformers import _swap_layer_norms
+from ctxkern.integrations._transformers import swap_layer_norms, use_ctxkern_attention
 
 
 def has_clip_layers(model: torch.nn.Module) -> bool:
@@ -35,22 +34,15 @@ def _clip_layer_forward(layer, hidden_states: Tensor, attention_mask, **kwargs) 
 
 
 def patch_clip(model: torch.nn.Module, backend: str) -> None:
-    from transformers import PreTrainedModel
     from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPTextModel
 
-    _attention.register()
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.set_attn_implementation(_attention.ATTN_IMPLEMENTATION)
-    for module in model.modules():
-        if isinstance(module, CLIPAttention):
-            module.ctxkern_backend = backend
+    use_ctxkern_attention(model, backend, (CLIPAttention,))
     # The text tower's attention is causal: the kernel computes it, with its padding, exactly.
     for text in (m for m in model.modules() if isinstance(m, CLIPTextModel)):
         for module in text.modules():
             if isinstance(module, CLIPAttention):
                 module.ctxkern_causal_kernel = True
-    _swap_layer_norms(model, backend)
+    swap_layer_norms(model, backend)
     for module in model.modules():
         # Exact class only: a subclass may have changed forward. A partial, so the model still pickles.
         if type(module) is CLIPEncoderLayer and isinstance(module.layer_norm2, nn.LayerNorm):
