@@ -110,13 +110,13 @@ def _cases_for(name: str, patch: int, device: str, dtype: torch.dtype, images: i
 
 def cases(device: str, quick: bool, with_compile: bool) -> list[Case]:
     """CPU: fp32 at ViT-B/32 and ViT-B/16, 32 images, 64 prompts. CUDA: fp16 and bf16, 256 images, 256 prompts.
-    Quick: ViT-B/32 only, 8 images and 64 prompts, fp32 on a CPU (bf16 on CUDA), few rounds."""
+    Quick (a smoke test): ViT-B/32 only, 4 images and 32 prompts, fp32 on a CPU (bf16 on CUDA), 2 rounds."""
     if quick:
         dtypes, models = [torch.float32 if device == "cpu" else torch.bfloat16], [("ViT-B/32", 32)]
     else:
         dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
         models = [("ViT-B/32", 32), ("ViT-B/16", 16)]
-    images, texts = (8, 64) if quick else ((32, 64) if device == "cpu" else (256, 256))
-    warmup, rounds = (0, 3) if quick else (1, 7)
+    images, texts = (4, 32) if quick else ((32, 64) if device == "cpu" else (256, 256))
+    warmup, rounds = (0, 2) if quick else (1, 7)
     return [case for name, patch in models for dtype in dtypes
             for case in _cases_for(name, patch, device, dtype, images, texts, warmup, rounds)]
