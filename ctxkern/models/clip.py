@@ -234,7 +234,7 @@ class ClipVisionTower(torch.nn.Module):
         self.config, self.backend = c, backend
         self.patch_embedding = torch.nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
                                                bias=False)
-        self.class_embedding = torch.nn.Parameter(torch.empty(c.hidden_size))
+        self.class_embedding = torch.nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size ** -0.5)  # HF's init
         self.position_embedding = torch.nn.Embedding(c.num_positions, c.hidden_size)
         self.pre_layernorm = nn.LayerNorm(c.hidden_size, c.layer_norm_eps, backend=backend)
         self.layers = torch.nn.ModuleList(
