@@ -102,3 +102,20 @@ def test_quick_gelu_scaled_parameters_follow_changes_of_the_weights(onednn_calls
     layer.weight = torch.nn.Parameter(torch.randn(40, 48))
     with torch.inference_mode():
         assert_fp32_close(layer(x), float64_reference(layer, x))
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_quick_gelu_mlp_with_the_division_in_the_second_weight_matches_float64(onednn_calls):
+    from ctxkern.models._transformer import Mlp
+
+    mlp = Mlp(48, 96, "quick_gelu")
+    x = torch.randn(7, 48)
+    with torch.inference_mode():
+        mlp(x)
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(-2.0)
+    with torch.inference_mode():
+        out = mlp(x)
+    assert len(onednn_calls) == 4
+    hidden = float64_reference(mlp.fc1, x)
+    assert_fp32_close(out, F.linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double()))

@@ -74,30 +74,35 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         eager, post_op, algorithm = ACTIVATIONS[self.activation]
-        if self.onednn_serves(x):
-            rows = x.reshape(-1, x.shape[-1])                                # (M, in)
-            m = rows.shape[0]
-            # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
-            padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
-            weight, bias = self._onednn_parameters()
-            out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, post_op, [], algorithm)
-            if self.activation == "quick_gelu":
-                out.div_(QUICK_GELU_ALPHA)                                    # swish(a z) / a, in place
-            return out[:m].view(*x.shape[:-1], out.shape[-1])
-        return eager(F.linear(x, self.weight, self.bias))
-
-    def _onednn_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
-        """The parameters, or for QuickGELU their 1.702-scaled copies (cached until a parameter changes: the key
-        holds their storage and version counters), so that swish(x (a W)^T + a b) / a = QuickGELU(x W^T + b)."""
+        if not self.onednn_serves(x):
+            return eager(F.linear(x, self.weight, self.bias))
         if self.activation != "quick_gelu":
-            return self.weight, self.bias
+            return self.onednn(x, self.weight, self.bias, post_op, algorithm)
+        out = self.onednn(x, *self.scaled_parameters(QUICK_GELU_ALPHA, QUICK_GELU_ALPHA), "swish")
+        return out.div_(QUICK_GELU_ALPHA)                                      # swish(a z) / a, in place
+
+    @staticmethod
+    def onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], post_op: str = "none",
+               algorithm: str = "") -> Tensor:
+        """post_op(x weight^T + bias) by oneDNN, on row_bucket rows (for callers where onednn_serves(x))."""
+        rows = x.reshape(-1, x.shape[-1])                                    # (M, in)
+        m = rows.shape[0]
+        # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
+        padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
+        out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, post_op, [], algorithm)
+        return out[:m].view(*x.shape[:-1], out.shape[-1])
+
+    def scaled_parameters(self, weight_scale: float, bias_scale: float) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight_scale W, bias_scale b), cached until a parameter changes (the key holds their storage and
+        version counters) or other scales are asked for. QuickGELU uses them: swish(x (a W)^T + a b) / a is
+        QuickGELU(x W^T + b), and a following layer can take the division into its own weight."""
         params = [p for p in (self.weight, self.bias) if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        key = (weight_scale, bias_scale, *((p.data_ptr(), p._version, p.dtype) for p in params))
         cached = self.__dict__.get("_scaled_for_onednn")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                scaled = [QUICK_GELU_ALPHA * p for p in params]
-            cached = (key, scaled[0], scaled[1] if self.bias is not None else None)
+                bias = None if self.bias is None else bias_scale * self.bias
+                cached = (key, weight_scale * self.weight, bias)
             self.__dict__["_scaled_for_onednn"] = cached
         return cached[1], cached[2]
 

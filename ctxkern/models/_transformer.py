@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ctxkern import ops
 from ctxkern.models._checkpoint import CheckpointError
-from ctxkern.models._linear import Linear, row_bucket
+from ctxkern.models._linear import ACTIVATIONS, QUICK_GELU_ALPHA, Linear, row_bucket
 from ctxkern.ops._checks import check_cu_seqlens, check_max_seqlen, check_offsets, cu_seqlens_values
 
 # attend(q, k, v) -> context: the attention over whichever layout the hidden states are in.
@@ -47,6 +47,12 @@ class Mlp(torch.nn.Module):
         self.fc2 = Linear(intermediate, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fc1.activation == "quick_gelu" and self.fc1.onednn_serves(x):
+            # fc1 as oneDNN's swish of a-scaled parameters gives a * QuickGELU(z); fc2's weight takes the 1/a
+            # (models/_linear.py), which saves a pass over the widest activation.
+            h = Linear.onednn(x, *self.fc1.scaled_parameters(QUICK_GELU_ALPHA, QUICK_GELU_ALPHA), "swish")
+            return Linear.onednn(h, *self.fc2.scaled_parameters(1 / QUICK_GELU_ALPHA, 1.0),
+                                 *ACTIVATIONS[self.fc2.activation][1:])
         return self.fc2(self.fc1(x))
 
 
