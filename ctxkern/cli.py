@@ -79,7 +79,7 @@ def _search(args) -> int:
 
 # The ops `ctxkern bench --op` takes, listed here so that `--help` does not import the harness (and with it
 # the models); tests/test_cli.py checks that it equals ctxkern.bench.OPS.
-BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert")
+BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert", "clip")
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(search)
     search.set_defaults(run=_search)
     add_index_parser(sub, _model_arguments)
+    from ctxkern import cli_clip
+
+    cli_clip.add_parser(sub, _default_device(), BACKENDS)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers",
                            description="Checks every candidate against a float64 reference, times it, prints a "

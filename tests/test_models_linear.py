@@ -9,7 +9,7 @@ from ctxkern.models._linear import ACTIVATIONS, Linear
 
 REFERENCE = {None: lambda x: x, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
              "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-             "swish": F.silu}
+             "swish": F.silu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
 
 def float64_reference(layer, x):
@@ -84,3 +84,38 @@ def test_row_buckets_are_few_and_tight():
     for m, b in buckets.items():
         assert b >= m and _linear.row_bucket(b) == b
         assert b - m < (8 if m < 256 else m / 16 + 1e-9)
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_quick_gelu_scaled_parameters_follow_changes_of_the_weights(onednn_calls):
+    """QuickGELU runs as oneDNN's swish on 1.702-scaled copies of the parameters, cached: a change of the
+    parameters (in place, or a new tensor) must reach the output."""
+    layer = Linear(48, 40, activation="quick_gelu")
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(-0.5)
+        layer.bias.add_(1.0)
+    with torch.inference_mode():
+        assert_fp32_close(layer(x), float64_reference(layer, x))
+    layer.weight = torch.nn.Parameter(torch.randn(40, 48))
+    with torch.inference_mode():
+        assert_fp32_close(layer(x), float64_reference(layer, x))
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_quick_gelu_mlp_with_the_division_in_the_second_weight_matches_float64(onednn_calls):
+    from ctxkern.models._transformer import Mlp
+
+    mlp = Mlp(48, 96, "quick_gelu")
+    x = torch.randn(7, 48)
+    with torch.inference_mode():
+        mlp(x)
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(-2.0)
+    with torch.inference_mode():
+        out = mlp(x)
+    assert len(onednn_calls) == 4
+    hidden = float64_reference(mlp.fc1, x)
+    assert_fp32_close(out, F.linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double()))

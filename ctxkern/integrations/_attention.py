@@ -3,10 +3,13 @@
 transformers builds each model's attention mask through the mask function registered under the model's
 `config._attn_implementation`, then calls the attention function registered under the same name. Both are
 registered here: the mask function hands the attention function HF's (B, Sk) padding mask as it is, which is
-exactly ops.attention's key_padding_mask, instead of expanding it to (B, 1, Sq, Sk). Anything ops.attention
-cannot compute exactly (a causal or otherwise structured mask, attention dropout while training, grouped
-key/value heads, an unsupported dtype or head dim) goes to transformers' SDPA function with an SDPA mask, so
-the patched model never gives a different result, only sometimes not a faster one.
+exactly ops.attention's key_padding_mask, instead of expanding it to (B, 1, Sq, Sk). A module marked
+`ctxkern_causal_kernel` (CLIP's text attention, marked by the CLIP patch) also runs causal attention on the kernel:
+its causal mask (SDPA's 4-D bool mask, or None) is checked to be exactly causal-and-key-padding and passed as
+causal=True with that padding. Anything ops.attention cannot compute exactly (another causal or structured mask,
+attention dropout while training, grouped key/value heads, an unsupported dtype or head dim) goes to
+transformers' SDPA function with an SDPA mask, so the patched model never gives a different result, only
+sometimes not a faster one.
 """
 from __future__ import annotations
 
@@ -35,17 +38,35 @@ def ctxkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
 
 
+def _attend(mask: Tensor) -> Optional[Tensor]:
+    """A bool (True = attend) or additive float (0 = attend, the dtype's most negative value = masked) mask as
+    bool; None for an additive mask with other biases."""
+    if mask.dtype == torch.bool:
+        return mask
+    attend = mask == 0
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    return attend if bool((attend | masked).all()) else None
+
+
+def _causal_padding_rows(mask: Tensor) -> Optional[Tensor]:
+    """A 4-D mask (B or 1, 1, Sq, Sk) that is exactly causal (query i sees keys j <= i + Sk - Sq) and key
+    padding, as that (B, Sk) padding; None for anything else (e.g. rows SDPA's mask had to unmask)."""
+    attend = _attend(mask)
+    if attend is None or attend.shape[1] != 1:
+        return None
+    sq, sk = attend.shape[-2:]
+    padding = attend[:, 0, -1, :]                                     # the last query sees every unpadded key
+    causal = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril(sk - sq)
+    return padding if torch.equal(attend[:, 0], padding[:, None, :] & causal) else None
+
+
 def _padding_rows(mask: Tensor) -> Optional[Tensor]:
     """A 4-D mask (B or 1, H or 1, Sq or 1, Sk), bool (True = attend) or additive float (0 = attend, the
     dtype's most negative value = masked), as the (B, Sk) bool key-padding mask it amounts to; None when it is
     more than key padding (rows that differ, or additive biases other than 0 and -inf)."""
-    if mask.dtype == torch.bool:
-        attend = mask
-    else:
-        attend = mask == 0
-        masked = mask <= torch.finfo(mask.dtype).min / 2
-        if not bool((attend | masked).all()):
-            return None
+    attend = _attend(mask)
+    if attend is None:
+        return None
     first_row = attend[:, :1, :1, :]
     if not bool((attend == first_row).all()):
         return None
@@ -99,10 +120,13 @@ def ctxkern_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("output_attentions"):
         return _eager_fallback(module, query, key, value, attention_mask, causal, dropout, scaling, **kwargs)
+    causal_kernel = causal and getattr(module, "ctxkern_causal_kernel", False)
     key_padding_mask = attention_mask
     if attention_mask is not None and attention_mask.dim() == 4 and not causal:
         key_padding_mask = _padding_rows(attention_mask)
-    if (causal or dropout != 0.0 or not _kernel_takes(query, key, value, backend)
+    elif attention_mask is not None and attention_mask.dim() == 4 and causal_kernel:
+        key_padding_mask = _causal_padding_rows(attention_mask)
+    if ((causal and not causal_kernel) or dropout != 0.0 or not _kernel_takes(query, key, value, backend)
             or (attention_mask is not None and (key_padding_mask is None or key_padding_mask.dim() != 2))):
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
@@ -110,7 +134,7 @@ def ctxkern_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
         key_padding_mask = key_padding_mask.expand(query.shape[0], key.shape[2])  # a (1, Sk) mask serves every row
     # (B, H, S, D) -> (B, S, H, D): transposed views, read in place by the kernel.
     out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                        key_padding_mask=key_padding_mask, scale=scaling, backend=backend)
+                        key_padding_mask=key_padding_mask, causal=causal, scale=scaling, backend=backend)
     return out, None
 
 

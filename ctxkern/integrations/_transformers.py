@@ -16,10 +16,13 @@ def has_bert_layers(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BertLayer) for m in model.modules())
 
 
-def _use_ctxkern_attention(model: torch.nn.Module, backend: str) -> None:
+def use_ctxkern_attention(model: torch.nn.Module, backend: str, attention_classes: tuple = ()) -> None:
+    """Every transformers model in `model` on the "ctxkern" attention; each module of attention_classes (default:
+    BERT's) carries the backend."""
     from transformers import PreTrainedModel
     from transformers.models.bert.modeling_bert import BertCrossAttention, BertSelfAttention
 
+    attention_classes = attention_classes or (BertSelfAttention, BertCrossAttention)
     _attention.register()
     # The model itself or, for a module that wraps one (sentence-transformers' Transformer), the models inside;
     # set_attn_implementation reaches a model's own submodels.
@@ -28,7 +31,7 @@ def _use_ctxkern_attention(model: torch.nn.Module, backend: str) -> None:
             module.set_attn_implementation(_attention.ATTN_IMPLEMENTATION)
     # The registry's function is global; each attention module carries the backend it should use.
     for module in model.modules():
-        if isinstance(module, (BertSelfAttention, BertCrossAttention)):
+        if isinstance(module, attention_classes):
             module.ctxkern_backend = backend
 
 
@@ -40,7 +43,7 @@ def _as_ctxkern_layer_norm(ln: torch.nn.LayerNorm, backend: str) -> nn.LayerNorm
     return new.train(ln.training)
 
 
-def _swap_layer_norms(model: torch.nn.Module, backend: str) -> None:
+def swap_layer_norms(model: torch.nn.Module, backend: str) -> None:
     """Every torch.nn.LayerNorm (exactly that class: a subclass may compute something else) -> nn.LayerNorm;
     a ctxkern one already there gets the requested backend."""
     replacements: dict[int, nn.LayerNorm] = {}  # a module shared by several parents is replaced once
@@ -70,6 +73,6 @@ def _fuse_residual_adds(model: torch.nn.Module) -> None:
 
 
 def patch_bert(model: torch.nn.Module, backend: str) -> None:
-    _use_ctxkern_attention(model, backend)
-    _swap_layer_norms(model, backend)
+    use_ctxkern_attention(model, backend)
+    swap_layer_norms(model, backend)
     _fuse_residual_adds(model)

@@ -41,9 +41,9 @@ def checkpoint_folder(path) -> Path:
     return folder
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint: one file, or the shards its index names."""
-    for name in WEIGHT_FILES:
+def weight_files(folder: Path, names: tuple[str, ...] = WEIGHT_FILES) -> list[Path]:
+    """The weight files of a checkpoint: the first of `names` present (one file), or the shards its index names."""
+    for name in names:
         path = folder / name
         if not path.is_file():
             continue
@@ -53,7 +53,7 @@ def weight_files(folder: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{path}: no weight_map of tensor names to shard files")
         return [folder / shard for shard in dict.fromkeys(weight_map.values())]
-    raise CheckpointError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+    raise CheckpointError(f"{folder}: no weights (looked for {', '.join(names)})")
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
@@ -74,29 +74,30 @@ def _read_file(path: Path) -> dict[str, Tensor]:
     return dict(tensors)
 
 
-def read_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, Path]]:
+def read_weights(folder: Path, names: tuple[str, ...] = WEIGHT_FILES) -> tuple[dict[str, Tensor], dict[str, Path]]:
     """All tensors of a checkpoint folder, and the file each came from (for error messages)."""
     tensors, source = {}, {}
-    for path in weight_files(folder):
+    for path in weight_files(folder, names):
         for name, tensor in _read_file(path).items():
             tensors[name], source[name] = tensor, path
     return tensors, source
 
 
 def check_tensors(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor],
-                  source: Mapping[str, Path], *, ignore: Callable[[str], bool] = lambda name: False) -> None:
+                  source: Mapping[str, Path], *, ignore: Callable[[str], bool] = lambda name: False,
+                  config_name: str = "config.json") -> None:
     """Every expected tensor present with its shape, and nothing unexpected besides what `ignore` accepts."""
     for name, shape in expected.items():
         if name not in tensors:
             files = ", ".join(sorted({str(p) for p in source.values()})) or "the checkpoint"
-            raise CheckpointError(f"{files}: missing tensor {name!r} (shape {shape} expected from config.json)")
+            raise CheckpointError(f"{files}: missing tensor {name!r} (shape {shape} expected from {config_name})")
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(f"{source[name]}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                  f"config.json implies {tuple(shape)}")
+                                  f"{config_name} implies {tuple(shape)}")
         if not tensors[name].is_floating_point():
             raise CheckpointError(f"{source[name]}: tensor {name!r} has dtype {tensors[name].dtype}, "
                                   "expected floating point")
     for name in tensors:
         if name not in expected and not ignore(name):
-            raise CheckpointError(f"{source[name]}: unexpected tensor {name!r}, which this model's config.json "
+            raise CheckpointError(f"{source[name]}: unexpected tensor {name!r}, which this model's {config_name} "
                                   "does not have")

@@ -21,7 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm)
+
+
+QUICK_GELU_ALPHA = 1.702
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's QuickGELU, x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
+
+
+# activation name (Hugging Face's hidden_act) -> (eager function, oneDNN post-op, oneDNN algorithm).
+# QuickGELU has no oneDNN post-op of its own (torch passes swish no alpha), but
+# z * sigmoid(a z) = swish(a z) / a, and a z is the product with a-scaled parameters: see Linear.
 ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], str, str]] = {
     None: (lambda x: x, "none", ""),
     "gelu": (F.gelu, "gelu", "none"),
@@ -30,6 +42,7 @@ ACTIVATIONS: dict[Optional[str], tuple[Callable[[Tensor], Tensor], str, str]] = 
     "relu": (F.relu, "relu", ""),
     "silu": (F.silu, "swish", ""),
     "swish": (F.silu, "swish", ""),
+    "quick_gelu": (quick_gelu, "swish", ""),
 }
 
 
@@ -61,14 +74,37 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         eager, post_op, algorithm = ACTIVATIONS[self.activation]
-        if self.onednn_serves(x):
-            rows = x.reshape(-1, x.shape[-1])                                # (M, in)
-            m = rows.shape[0]
-            # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
-            padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
-            out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, post_op, [], algorithm)
-            return out[:m].view(*x.shape[:-1], out.shape[-1])
-        return eager(F.linear(x, self.weight, self.bias))
+        if not self.onednn_serves(x):
+            return eager(F.linear(x, self.weight, self.bias))
+        if self.activation != "quick_gelu":
+            return self.onednn(x, self.weight, self.bias, post_op, algorithm)
+        out = self.onednn(x, *self.scaled_parameters(QUICK_GELU_ALPHA, QUICK_GELU_ALPHA), "swish")
+        return out.div_(QUICK_GELU_ALPHA)                                      # swish(a z) / a, in place
+
+    @staticmethod
+    def onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], post_op: str = "none",
+               algorithm: str = "") -> Tensor:
+        """post_op(x weight^T + bias) by oneDNN, on row_bucket rows (for callers where onednn_serves(x))."""
+        rows = x.reshape(-1, x.shape[-1])                                    # (M, in)
+        m = rows.shape[0]
+        # A caller that pads its rows itself (Bert's packed path: once per forward) saves this copy.
+        padded = rows if row_bucket(m) == m else F.pad(rows, (0, 0, 0, row_bucket(m) - m))  # (bucket, in)
+        out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, post_op, [], algorithm)
+        return out[:m].view(*x.shape[:-1], out.shape[-1])
+
+    def scaled_parameters(self, weight_scale: float, bias_scale: float) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight_scale W, bias_scale b), cached until a parameter changes (the key holds their storage and
+        version counters) or other scales are asked for. QuickGELU uses them: swish(x (a W)^T + a b) / a is
+        QuickGELU(x W^T + b), and a following layer can take the division into its own weight."""
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        key = (weight_scale, bias_scale, *((p.data_ptr(), p._version, p.dtype) for p in params))
+        cached = self.__dict__.get("_scaled_for_onednn")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                bias = None if self.bias is None else bias_scale * self.bias
+                cached = (key, weight_scale * self.weight, bias)
+            self.__dict__["_scaled_for_onednn"] = cached
+        return cached[1], cached[2]
 
     def onednn_serves(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)

@@ -8,19 +8,19 @@ last_hidden_state are zeros there, where Hugging Face's hold meaningless states)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ctxkern import _dispatch, nn, ops
+from ctxkern import _dispatch, nn
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
-from ctxkern.models._linear import ACTIVATIONS, Linear, row_bucket
-from ctxkern.ops._checks import check_cu_seqlens, check_max_seqlen, check_offsets, cu_seqlens_values
+from ctxkern.models._linear import ACTIVATIONS, Linear
+from ctxkern.models._transformer import (Attend, check_device, check_dtype, check_ids, check_packed,
+                                         config_from_dict, fused_qkv, fused_qkv_attention, pack, packed_attention,
+                                         pad_rows_for_onednn, padded_attention, unpack)
 
 
 # ----------------------------------------------------------------------------- config
@@ -60,12 +60,7 @@ class BertConfig:
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not "
                                   "supported (only 'absolute')")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in raw.items() if k in fields})
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: {err}") from err
-
+        return config_from_dict(cls, raw, path)
 
     @classmethod
     def preset(cls, name: str) -> "BertConfig":
@@ -118,10 +113,8 @@ class BertLayer(torch.nn.Module):
         self.output_norm = nn.LayerNorm(h, config.layer_norm_eps, backend=backend)
         self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim))   # (..., 3, heads, head_dim)
-        q, k, v = qkv.unbind(-3)                                          # strided views, no copy
-        context = attend(q, k, v).flatten(-2)                             # (..., H)
+    def forward(self, x: Tensor, attend: Attend) -> Tensor:
+        context = fused_qkv_attention(self.qkv, x, self.heads, attend)   # (..., H)
         x = self.attention_norm(self.dropout(self.attention_out(context)), residual=x)
         return self.output_norm(self.dropout(self.output(self.intermediate(x))), residual=x)
 
@@ -167,7 +160,7 @@ class Bert(torch.nn.Module):
             hidden = self._forward_unpadded(input_ids, mask, token_type_ids, position_ids)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids)       # (B, S, H)
-            attend = self._attend_padded(mask)
+            attend = padded_attention(mask, self.backend)
             for layer in self.layers:
                 hidden = layer(hidden, attend)
         pooled = self.pooler(hidden[:, 0]) if self.pooler is not None and s > 0 else None
@@ -180,7 +173,7 @@ class Bert(torch.nn.Module):
         -> last hidden states (T, H)."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (T,) packed tokens, got shape {tuple(input_ids.shape)}")
-        max_seqlen = _check_cu_seqlens(cu_seqlens, input_ids, max_seqlen, self.config.max_position_embeddings)
+        max_seqlen = check_packed(cu_seqlens, input_ids, max_seqlen, self.config.max_position_embeddings)
         self._check_ids(input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -192,19 +185,9 @@ class Bert(torch.nn.Module):
     def _run_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids) -> Tensor:
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)           # (T, H)
         total = len(hidden)
-        if self.layers and self.layers[0].qkv.onednn_serves(hidden) and row_bucket(total) != total:
-            # oneDNN's linear layers see row_bucket(T) rows (models/_linear.py); padding once here saves each of
-            # them the copy. The zero rows are one-token sentences of their own, so no real token attends to
-            # them; they are dropped at the end.
-            extra = row_bucket(total) - total
-            hidden = F.pad(hidden, (0, 0, 0, extra))                                 # (bucket, H)
-            tail = cu_seqlens[-1] + torch.arange(1, extra + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-            cu_seqlens = torch.cat([cu_seqlens, tail])
-
-        def attend(q, k, v):                                                          # (T, heads, head_dim)
-            return ops.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                        backend=self.backend)
-
+        if self.layers:
+            hidden, cu_seqlens = pad_rows_for_onednn(hidden, cu_seqlens, self.layers[0].qkv)
+        attend = packed_attention(cu_seqlens, max_seqlen, self.backend)
         for layer in self.layers:
             hidden = layer(hidden, attend)
         return hidden[:total]
@@ -228,13 +211,13 @@ class Bert(torch.nn.Module):
         """input_ids within the vocabulary; token_type_ids / position_ids of its shape and within their tables."""
         sizes = {"input_ids": self.config.vocab_size, "token_type_ids": self.config.type_vocab_size,
                  "position_ids": self.config.max_position_embeddings}
-        _check_ids(input_ids, "input_ids", sizes["input_ids"])
+        check_ids(input_ids, "input_ids", sizes["input_ids"])
         for name, ids in companions.items():
             if ids is None:
                 continue
             if ids.shape != input_ids.shape:
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(ids.shape)}")
-            _check_ids(ids, name, sizes[name])
+            check_ids(ids, name, sizes[name])
 
     def _packs(self, mask: Optional[Tensor]) -> bool:
         if mask is None or self.padding_free is False or mask.numel() == 0:
@@ -243,21 +226,12 @@ class Bert(torch.nn.Module):
             return False
         return bool(self.padding_free) or not bool(mask.all())
 
-    def _attend_padded(self, mask: Optional[Tensor]):
-        def attend(q, k, v):                                                          # (B, S, heads, head_dim)
-            return ops.attention(q, k, v, key_padding_mask=mask, backend=self.backend)
-        return attend
-
     def _forward_unpadded(self, input_ids, mask, token_type_ids, position_ids) -> Tensor:
         b, s = input_ids.shape
-        index = mask.flatten().nonzero().squeeze(1)                                   # (T,) real tokens
-        lengths = mask.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        max_seqlen = int(lengths.max())
+        index, cu_seqlens, max_seqlen = pack(mask)
         packed = self._run_packed(input_ids.flatten()[index], cu_seqlens, max_seqlen,
                                   token_type_ids.flatten()[index], position_ids.flatten()[index])
-        hidden = packed.new_zeros(b * s, packed.shape[-1]).index_copy(0, index, packed)
-        return hidden.view(b, s, -1)                                                  # (B, S, H)
+        return unpack(packed, index, b, s)                                            # (B, S, H)
 
     # -- loading
 
@@ -266,7 +240,7 @@ class Bert(torch.nn.Module):
                         padding_free: Optional[bool] = None) -> "Bert":
         """A Hugging Face BERT folder: config.json and model.safetensors or pytorch_model.bin (possibly sharded;
         .bin is read with weights_only=True). Every tensor's name and shape is checked against config.json."""
-        device = _check_device(device)
+        device = check_device(device)
         folder = checkpoint_folder(path)
         config = BertConfig.from_json(folder / "config.json")
         tensors, source = read_weights(folder)
@@ -280,44 +254,7 @@ class Bert(torch.nn.Module):
             model = cls(config, backend=backend, pooler=has_pooler, padding_free=padding_free)
         state = _from_hf_names(tensors, config, has_pooler)
         model.load_state_dict(state, assign=True)
-        dtype = dtype if dtype is not None else torch.float32
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16 (ctxkern's kernels), got {dtype}")
-        return model.to(device=device, dtype=dtype).eval()
-
-
-def _check_device(device) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a torch device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but torch sees no CUDA device")
-    return device
-
-
-def _check_cu_seqlens(cu_seqlens: Tensor, input_ids: Tensor, max_seqlen, max_positions: int) -> int:
-    """ops' checks of cu_seqlens and max_seqlen (one wording), plus the position table's bound. -> max_seqlen."""
-    check_cu_seqlens(cu_seqlens, "cu_seqlens", input_ids, "input_ids")
-    max_seqlen = check_max_seqlen(max_seqlen, "max_seqlen")
-    values = cu_seqlens_values(cu_seqlens)
-    if values is not None:
-        longest = check_offsets(values[0], "cu_seqlens", len(input_ids), "input_ids' length", max_seqlen)
-        if longest > max_positions:
-            raise ValueError(f"cu_seqlens holds a sequence of {longest} tokens, more than max_position_embeddings "
-                             f"{max_positions}")
-    return max_seqlen
-
-
-def _check_ids(ids: Tensor, name: str, size: int) -> None:
-    """Integer ids within the embedding table (an index out of range would fail deep inside torch.embedding)."""
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
-    # A meta tensor (shape inference, torch.device("meta") models) has no values to check.
-    if ids.numel() and ids.device.type != "meta" and not (0 <= int(ids.min()) and int(ids.max()) < size):
-        raise ValueError(f"{name} must lie in [0, {size}), got values from {int(ids.min())} to {int(ids.max())}")
+        return model.to(device=device, dtype=check_dtype(dtype)).eval()
 
 
 # ----------------------------------------------------------------------------- checkpoint names
@@ -367,8 +304,8 @@ def _from_hf_names(tensors: dict, config: BertConfig, pooler: bool) -> dict[str,
     for n in range(config.num_hidden_layers):
         hf, ours = f"encoder.layer.{n}.", f"layers.{n}."
         for kind in ("weight", "bias"):
-            state[f"{ours}qkv.{kind}"] = torch.cat([tensors[f"{hf}attention.self.{p}.{kind}"]
-                                                    for p in ("query", "key", "value")])
+            state[f"{ours}qkv.{kind}"] = fused_qkv(tensors, [f"{hf}attention.self.{p}.{kind}"
+                                                             for p in ("query", "key", "value")])
             for theirs, mine in (("attention.output.dense", "attention_out"),
                                  ("attention.output.LayerNorm", "attention_norm"),
                                  ("intermediate.dense", "intermediate"), ("output.dense", "output"),
