@@ -1,5 +1,5 @@
 """The README's other install commands, run as written: a wheel from `python -m build --wheel --no-isolation`, and
-`pip install --no-build-isolation .`, each into a fresh virtual environment, from which `ctxkern embed` and
+`pip install --no-build-isolation .`, into a fresh virtual environment, from which `ctxkern embed` and
 `ctxkern search` then run (the editable install that `make` makes is the README's main command, checked by every
 `make`).
 
@@ -69,14 +69,15 @@ def _check_installed(bin_dir: Path, workdir: Path) -> None:
 def test_the_wheel_and_the_non_editable_install_work_as_the_readme_writes_them(tmp_path):
     src = _source_copy(tmp_path / "src")
     # pip, build and setuptools come from the outer environment; `pip install build` is then already satisfied.
-    wheel_bin = _fresh_venv(tmp_path / "wheel-env")
-    _run([wheel_bin / "python", "-m", "pip", "install", "build"], cwd=src)
-    _run([wheel_bin / "python", "-m", "build", "--wheel", "--no-isolation"], cwd=src)
+    bin_dir = _fresh_venv(tmp_path / "env")
+    _run([bin_dir / "python", "-m", "pip", "install", "build"], cwd=src)
+    _run([bin_dir / "python", "-m", "build", "--wheel", "--no-isolation"], cwd=src)
     wheels = list((src / "dist").glob("ctxkern-*.whl"))
     assert len(wheels) == 1, wheels
-    _run([wheel_bin / "python", "-m", "pip", "install", str(wheels[0])], cwd=tmp_path)
-    _check_installed(wheel_bin, tmp_path)
+    _run([bin_dir / "python", "-m", "pip", "install", str(wheels[0])], cwd=tmp_path)
+    _check_installed(bin_dir, tmp_path)
 
-    install_bin = _fresh_venv(tmp_path / "install-env")
-    _run([install_bin / "python", "-m", "pip", "install", "--no-build-isolation", "."], cwd=src)
-    _check_installed(install_bin, tmp_path)
+    # The same environment, so the same compiler commands: the wheel's build folder serves, nothing recompiles.
+    _run([bin_dir / "python", "-m", "pip", "uninstall", "--yes", "ctxkern"], cwd=tmp_path)
+    _run([bin_dir / "python", "-m", "pip", "install", "--no-build-isolation", "."], cwd=src)
+    _check_installed(bin_dir, tmp_path)

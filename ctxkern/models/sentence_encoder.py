@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ctxkern import ops
 from ctxkern.models._checkpoint import CheckpointError, read_json
-from ctxkern.models.bert import Bert, _check_device
+from ctxkern.models._transformer import check_device
+from ctxkern.models.bert import Bert
 
 TRANSFORMER = "sentence_transformers.models.Transformer"
 POOLING = "sentence_transformers.models.Pooling"
@@ -193,7 +194,7 @@ class SentenceEncoder(torch.nn.Module):
         if truncate_dim is not None and not (isinstance(truncate_dim, numbers.Integral) and 1 <= truncate_dim):
             raise ValueError(f"truncate_dim must be a positive integer, got {truncate_dim!r}")
         if device is not None:
-            self.to(_check_device(device))
+            self.to(check_device(device))
         prompt = self._resolve_prompt(prompt, prompt_name)
         if prompt:
             sentences = [prompt + s for s in sentences]
