@@ -100,7 +100,7 @@ class _ElmoCharacterEncoder(torch.nn.Module):
                                       self._end_of_sentence_characters)  # (B, T + 2, C)
         batch, steps, chars = ids.shape
         embedded = self.embed_tokens(ids.reshape(batch * steps, chars))  # (B * (T + 2), P)
-        return embedded.view(batch, steps, -1), (ids > 0).any(-1)
+        return embedded.view(batch, steps, embedded.shape[-1]), (ids > 0).any(-1)
 
 
 # ----------------------------------------------------------------------------------------------- the biLM
