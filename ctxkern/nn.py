@@ -125,7 +125,8 @@ class LSTM(torch.nn.LSTM):
     PackedSequence each sequence from its own last token to its first, as ELMo's backward stack and AllenNLP's
     LstmCellWithProjection(go_forward=False) do (a padded tensor: over all its T steps, as torch.nn.LSTM's reverse
     direction); its parameters keep the names without "_reverse".
-    backend picks the cell's ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded tensor or a PackedSequence.
+    backend picks the cell's ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded
+    tensor or a PackedSequence.
     Input and parameters share a dtype, as torch.nn.LSTM requires: float32, float16, bfloat16 (the kernels) or
     float64 (the cell's reference).
     """

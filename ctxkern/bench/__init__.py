@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ctxkern.bench import attention, bert, layer_norm, lstm_cell, masked_mean_pool
+from ctxkern.bench import attention, bert, elmo, layer_norm, lstm_cell, masked_mean_pool
 from ctxkern.bench.case import Case, run_case
 from ctxkern.bench.peaks import measure_peaks
 from ctxkern.bench.report import git_commit
@@ -21,7 +21,8 @@ OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_n
                                                             "attention": attention.cases,
                                                             "lstm_cell": lstm_cell.cell_cases,
                                                             "lstm": lstm_cell.layer_cases,
-                                                            "bert": bert.cases}
+                                                            "bert": bert.cases,
+                                                            "elmo": elmo.cases}
 
 
 def steady_cpu_allocator() -> str:

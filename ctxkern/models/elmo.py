@@ -27,8 +27,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ctxkern import _dispatch
 from ctxkern import nn as ctxnn
-from ctxkern.models._elmo_chars import BOS_CHARACTERS, EOS_CHARACTERS, batch_to_ids
+from ctxkern.models._elmo_chars import BOS_CHARACTERS, EOS_CHARACTERS, PADDING, batch_to_ids
 from ctxkern.models._elmo_weights import ElmoOptions, read_options, read_weights
+
+PADDING_ID = PADDING + 1  # the padding character's id in batch_to_ids' ids
 
 __all__ = ["ElmoBiLm", "Elmo", "ElmoEmbedder", "ScalarMix", "batch_to_ids", "remove_sentence_boundaries"]
 
@@ -87,11 +89,30 @@ class _ElmoCharacterEncoder(torch.nn.Module):
         self.register_buffer("_end_of_sentence_characters", torch.tensor(EOS_CHARACTERS), persistent=False)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
-        """ids (N, C) -> (N, P): the context-free embedding of each token."""
-        x = F.embedding(ids, self._char_embedding_weights).transpose(1, 2)  # (N, char_dim, C)
+        """ids (N, C) -> (N, P): the context-free embedding of each token.
+
+        Each filter's max runs over all C - width + 1 windows, as AllenNLP's; but a word fills only its first
+        few characters and the rest is the padding character, so every window past the batch's longest word
+        holds only padding and has one value for all tokens: it is computed once, from a single window, and
+        the convolutions run only over the characters up to the longest word (a third of them, typically).
+        """
+        weight = self._char_embedding_weights
+        chars = ids.shape[1]
+        # (N, C) -> the batch's longest span of non-padding characters
+        positions = torch.arange(1, chars + 1, device=ids.device)
+        span = int(((ids != PADDING_ID) * positions).amax()) if ids.numel() else 0
+        widest = max(w for w, _ in self.options.filters)
+        used = max(widest, min(chars, span + widest - 1))
+        x = F.embedding(ids[:, :used], weight).transpose(1, 2)  # (N, char_dim, used)
         activation = torch.tanh if self.options.activation == "tanh" else F.relu
-        convolved = [activation(getattr(self, f"char_conv_{i}")(x).amax(dim=-1))  # (N, n_i): max over positions
-                     for i in range(len(self.options.filters))]
+        convolved = []
+        for i, (width, _) in enumerate(self.options.filters):
+            conv = getattr(self, f"char_conv_{i}")
+            pooled = conv(x[:, :, :max(width, min(chars, span + width - 1))]).amax(dim=-1)  # (N, n_i)
+            if span <= chars - width:  # some windows hold only padding: their one value joins the max
+                padding = weight[PADDING_ID].view(1, -1, 1).expand(1, -1, width)  # (1, char_dim, width)
+                pooled = torch.maximum(pooled, conv(padding)[:, :, 0])
+            convolved.append(activation(pooled))
         return self._projection(self._highways(torch.cat(convolved, dim=-1)))
 
     def forward(self, character_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,8 +120,16 @@ class _ElmoCharacterEncoder(torch.nn.Module):
         ids = add_sentence_boundaries(character_ids, mask.sum(1), self._beginning_of_sentence_characters,
                                       self._end_of_sentence_characters)  # (B, T + 2, C)
         batch, steps, chars = ids.shape
-        embedded = self.embed_tokens(ids.reshape(batch * steps, chars))  # (B * (T + 2), P)
-        return embedded.view(batch, steps, embedded.shape[-1]), (ids > 0).any(-1)
+        flat = ids.reshape(batch * steps, chars)  # (N, C)
+        real = (flat > 0).any(-1)  # (N,)
+        # A token's embedding depends on its characters alone, and the char-CNN costs more than the LSTMs of the
+        # small model: each distinct token of the batch (<S> and </S> once, "the" once...) is embedded once, and
+        # padding not at all (AllenNLP embeds every position; its padding positions are masked downstream).
+        distinct, inverse = torch.unique(flat[real], dim=0, return_inverse=True)
+        embedded = self.embed_tokens(distinct)  # (U, P)
+        out = embedded.new_zeros(batch * steps, embedded.shape[-1])
+        out[real] = embedded[inverse]
+        return out.view(batch, steps, embedded.shape[-1]), real.view(batch, steps)
 
 
 # ----------------------------------------------------------------------------------------------- the biLM
