@@ -73,12 +73,20 @@ def test_char_cnn_reproduces_tensorflow_token_embeddings():
 
 # ----------------------------------------------------------------------------------------------- float64 pieces
 
-def test_char_cnn_highway_projection_match_float64_equations(reference):
-    bilm = models.ElmoBiLm(OPTIONS, WEIGHTS, dtype=torch.float64)
-    ids = batch_to_ids([["Hello", "wörld", "x" * 60, "", "<S>", "</S>"]])[0]  # (6, 50)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("words", [["Hello", "wörld", "", "<S>", "</S>"], ["a", "x" * 60, "Hello"], ["x" * 44]],
+                         ids=["short", "full-length", "span-44"])
+def test_char_cnn_highway_projection_match_float64_equations(tmp_path, activation, words):
+    """Short words only (the convolutions stop after the longest word, the padding windows are one value), a
+    word that fills all 50 characters, and one whose span leaves some filters no all-padding window."""
+    options = json.loads(OPTIONS.read_text())
+    options["char_cnn"]["activation"] = activation
+    (tmp_path / "options.json").write_text(json.dumps(options))
+    bilm = models.ElmoBiLm(tmp_path / "options.json", WEIGHTS, dtype=torch.float64)
+    ids = batch_to_ids([words])[0]  # (N, 50)
     got = bilm._token_embedder.embed_tokens(ids)
-    ref = torch.stack([reference.embed_token(row.tolist()) for row in ids])
-    assert_f64_close(got, ref, 1e-12)
+    ref = ReferenceBiLm(tmp_path / "options.json", WEIGHTS)
+    assert_f64_close(got, torch.stack([ref.embed_token(row.tolist()) for row in ids]), 1e-12)
 
 
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "no_skip"])

@@ -34,12 +34,12 @@ from ctxkern.bench.sentences import WORDS
 
 PEER = "AllenNLP algorithm (eager)"
 FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]  # 2048 filters
-CONFIGS = {"small": dict(dim=1024, projection_dim=128, n_highway=1),
-           "original": dict(dim=4096, projection_dim=512, n_highway=2)}
+CONFIGS = {"small": dict(dim=1024, projection_dim=128, n_highway=1, filters=FILTERS, char_dim=16),
+           "original": dict(dim=4096, projection_dim=512, n_highway=2, filters=FILTERS, char_dim=16)}
 
 
-def write_random_elmo(folder: Path, dim: int, projection_dim: int, n_highway: int, seed: int = 0,
-                      filters=FILTERS, char_dim: int = 16) -> tuple[Path, Path]:
+def write_random_elmo(folder: Path, dim: int, projection_dim: int, n_highway: int, filters, char_dim: int,
+                      seed: int = 0) -> tuple[Path, Path]:
     """options.json and weights.hdf5 of a random 2-layer biLM in the released files' layout."""
     import h5py
 
