@@ -352,7 +352,7 @@ def test_bad_files_name_the_file_and_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.hdf5: no such ELMo weight file"):
         models.ElmoBiLm(OPTIONS, tmp_path / "nope.hdf5")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(models.CheckpointError, match="bad.json: not a readable JSON options file"):
+    with pytest.raises(models.CheckpointError, match="bad.json: not readable JSON"):
         models.ElmoBiLm(tmp_path / "bad.json", WEIGHTS)
     (tmp_path / "partial.json").write_text(json.dumps({"lstm": {"dim": 64}, "char_cnn": {"embedding": {"dim": 4}}}))
     with pytest.raises(models.CheckpointError, match="partial.json: .*filters"):

@@ -13,7 +13,6 @@ The TensorFlow layouts are converted here, once, to the torch layouts the module
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ctxkern.models._checkpoint import CheckpointError
+from ctxkern.models._checkpoint import CheckpointError, read_json
 
 
 @dataclass(frozen=True)
@@ -58,12 +57,8 @@ def read_options(options_file) -> ElmoOptions:
     path = Path(options_file).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ELMo options file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON options file ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("lstm"), dict) or not isinstance(
-            data.get("char_cnn"), dict):
+    data = read_json(path)
+    if not isinstance(data.get("lstm"), dict) or not isinstance(data.get("char_cnn"), dict):
         raise CheckpointError(f"{path}: an ELMo options file needs the objects \"lstm\" and \"char_cnn\"")
     cnn = data["char_cnn"]
     if not isinstance(cnn.get("embedding"), dict):
