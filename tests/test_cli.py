@@ -121,7 +121,8 @@ def _options(parser: argparse.ArgumentParser, path: str = "ctxkern"):
 def test_every_option_and_subcommand_has_help_text():
     options = list(_options(cli.build_parser()))
     commands = {path for path, _ in options}
-    assert commands == {"ctxkern", "ctxkern embed", "ctxkern search", "ctxkern info", "ctxkern bench"}
+    assert commands == {"ctxkern", "ctxkern embed", "ctxkern search", "ctxkern info", "ctxkern bench", "ctxkern elmo",
+                        "ctxkern elmo embed-file"}
     missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in options
                if not a.help or a.help == argparse.SUPPRESS]
     assert not missing, f"no help text: {missing}"
