@@ -153,6 +153,20 @@ def test_stateful_rules_grow_shrink_reset(reference):
     check([c])
 
 
+def test_rows_a_batch_did_not_run_keep_their_states():
+    """AllenNLP's _update_states: a row whose layer-0 final state is exactly zero (not run) keeps its stored
+    state, as do the rows beyond a smaller batch."""
+    lstm = models.ElmoBiLm(OPTIONS, WEIGHTS)._elmo_lstm
+    h1, c1 = torch.randn(2, 3, 32), torch.randn(2, 3, 128)
+    lstm._update_states(h1, c1)
+    h2, c2 = torch.randn(2, 2, 32), torch.randn(2, 2, 128)
+    h2[0, 1] = 0
+    c2[0, 1] = 0
+    lstm._update_states(h2, c2)
+    assert torch.equal(lstm._state_h, torch.stack([h2[:, 0], h1[:, 1], h1[:, 2]], 1))
+    assert torch.equal(lstm._state_c, torch.stack([c2[:, 0], c1[:, 1], c1[:, 2]], 1))
+
+
 def test_stateless_mode_and_states_follow_to():
     stateless = models.ElmoBiLm(OPTIONS, WEIGHTS, stateful=False)
     ids = batch_to_ids(SHORT)
