@@ -1,4 +1,5 @@
-"""The `ctxkern` command: `embed` and `search` (sentence embeddings on the bundled model), `info` and `bench`."""
+"""The `ctxkern` command: `embed` and `search` (sentence embeddings on the bundled model), `elmo`, `info` and
+`bench`."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,11 @@ def _bench(args) -> int:
 
 
 def _load_encoder(args, quiet: bool = False):
+    from ctxkern import cli_elmo
     from ctxkern.models import SentenceEncoder
+
+    if cli_elmo.is_elmo_model(args.model):
+        return cli_elmo.load_encoder(args)
 
     encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, backend=args.backend)
     name = "all-MiniLM-L6-v2 (bundled)" if args.model is None else str(args.model)
@@ -79,7 +84,7 @@ def _search(args) -> int:
 
 # The ops `ctxkern bench --op` takes, listed here so that `--help` does not import the harness (and with it
 # the models); tests/test_cli.py checks that it equals ctxkern.bench.OPS.
-BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert", "clip")
+BENCH_OPS = ("layer_norm", "masked_mean_pool", "attention", "lstm_cell", "lstm", "bert", "clip", "elmo")
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 
@@ -98,8 +103,8 @@ def _default_device() -> str:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a sentence-transformers or BERT folder (default: the bundled "
-                                        "all-MiniLM-L6-v2)")
+    parser.add_argument("--model", help="a sentence-transformers or BERT folder, or elmo:OPTIONS.json,WEIGHTS.hdf5 "
+                                        "(default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--device", default=_default_device(),
                         help=f"the torch device to run the model on, e.g. cpu, cuda, cuda:1 (default here: "
                              f"{_default_device()})")
@@ -130,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(search)
     search.set_defaults(run=_search)
     add_index_parser(sub, _model_arguments)
-    from ctxkern import cli_clip
+    from ctxkern import cli_clip, cli_elmo
 
     cli_clip.add_parser(sub, _default_device(), BACKENDS)
+    cli_elmo.add_parser(sub, _default_device(), BACKENDS)
     sub.add_parser("info", help="versions, devices and which backends are available").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every backend of an op against PyTorch and peers",
                            description="Checks every candidate against a float64 reference, times it, prints a "

@@ -119,15 +119,21 @@ class MaskedMeanPool(torch.nn.Module):
 def _check_clip(value: Optional[float], name: str) -> Optional[float]:
     if value is not None and not (isinstance(value, (int, float)) and value >= 0):
         raise ValueError(f"{name} must be a number >= 0 or None, got {value!r}")
-    return None if value is None else float(value)
+    # 0 means "no clip", as AllenNLP's `if self.memory_cell_clip_value:` reads it (ELMo's options use 0 so).
+    return None if value is None or value == 0 else float(value)
 
 
 class LSTM(torch.nn.LSTM):
     """torch.nn.LSTM (same constructor, parameters, initialization, state_dict and outputs) on ctxkern's cell.
 
     Keyword-only extras: cell_clip clamps the memory cell to +-cell_clip before its tanh, proj_clip clamps the
-    projected output (it needs proj_size > 0), as AllenNLP's LSTM with projection; backend picks the cell's
-    ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded tensor or a PackedSequence.
+    projected output (it needs proj_size > 0), as AllenNLP's LSTM with projection; a clip of 0 or None means no
+    clip, as in AllenNLP. reverse=True (with bidirectional=False) runs the one direction backwards: in a
+    PackedSequence each sequence from its own last token to its first, as ELMo's backward stack and AllenNLP's
+    LstmCellWithProjection(go_forward=False) do (a padded tensor: over all its T steps, as torch.nn.LSTM's reverse
+    direction); its parameters keep the names without "_reverse".
+    backend picks the cell's ctxkern backend. forward(input, hx=None) -> (output, (h_n, c_n)) takes a padded
+    tensor or a PackedSequence.
     Input and parameters share a dtype, as torch.nn.LSTM requires: float32, float16, bfloat16 (the kernels) or
     float64 (the cell's reference).
     """
@@ -135,18 +141,21 @@ class LSTM(torch.nn.LSTM):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
-                 backend: str = "auto") -> None:
+                 reverse: bool = False, backend: str = "auto") -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
                          device=device, dtype=dtype)
         self.cell_clip = _check_clip(cell_clip, "cell_clip")
         self.proj_clip = _check_clip(proj_clip, "proj_clip")
         if self.proj_clip is not None and proj_size == 0:
             raise ValueError("proj_clip clamps the projected output, so it needs proj_size > 0")
+        if reverse and bidirectional:
+            raise ValueError("reverse=True runs a single direction backwards, so it needs bidirectional=False")
+        self.reverse = bool(reverse)
         self.backend = _dispatch.check_choice(backend)
 
     def extra_repr(self) -> str:
         extra = [f"{name}={getattr(self, name)}" for name in ("cell_clip", "proj_clip")
-                 if getattr(self, name) is not None]
+                 if getattr(self, name) is not None] + (["reverse=True"] if self.reverse else [])
         return ", ".join([super().extra_repr(), *extra, f"backend={self.backend!r}"])
 
     # ----------------------------------------------------------------------------------------- checks
@@ -258,6 +267,7 @@ class LSTM(torch.nn.LSTM):
                        layer: int, direction: int):
         """One layer, one direction over packed rows x (N, I_layer) -> (out (N, P), h_n (B, P), c_n (B, H))."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        backwards = direction == 1 or self.reverse
         w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
         w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
         bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix) if self.bias else None
@@ -265,11 +275,11 @@ class LSTM(torch.nn.LSTM):
         gates_in = torch.mm(x, w_ih.t())  # (N, 4H): the input projection of every step at once
         if self._recurrence_in_cpp(x, h, c, w_ih, w_hh, w_hr, bias):
             return torch.ops.ctxkern.lstm_layer_fwd(gates_in, batch_sizes, h, c, w_hh, w_hr, bias, self.cell_clip,
-                                                    self.proj_clip, direction == 1)
+                                                    self.proj_clip, backwards)
         w_hh_t = w_hh.t()
         w_hr_t = None if w_hr is None else w_hr.t()
         outs: list[Optional[Tensor]] = [None] * len(batch_sizes)
-        steps = range(len(batch_sizes) - 1, -1, -1) if direction == 1 else range(len(batch_sizes))
+        steps = range(len(batch_sizes) - 1, -1, -1) if backwards else range(len(batch_sizes))
         for t in steps:
             n, start = batch_sizes[t], offsets[t]
             h_cell, c_new = lstm_cell(gates_in[start:start + n], torch.mm(h[:n], w_hh_t), c[:n], bias,

@@ -124,7 +124,8 @@ def test_every_option_and_subcommand_has_help_text():
     commands = {path for path, _ in options}
     assert commands == {"ctxkern", "ctxkern embed", "ctxkern search", "ctxkern info", "ctxkern bench",
                         "ctxkern index", "ctxkern index build", "ctxkern index merge", "ctxkern index info",
-                        "ctxkern clip", "ctxkern clip classify", "ctxkern clip search"}
+                        "ctxkern clip", "ctxkern clip classify", "ctxkern clip search",
+                        "ctxkern elmo", "ctxkern elmo embed-file"}
     missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in options
                if not a.help or a.help == argparse.SUPPRESS]
     assert not missing, f"no help text: {missing}"

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ctxkern.bench import attention, bert, clip, layer_norm, lstm_cell, masked_mean_pool
+from ctxkern.bench import attention, bert, clip, elmo, layer_norm, lstm_cell, masked_mean_pool
 from ctxkern.bench.case import Case, run_case
 from ctxkern.bench.peaks import measure_peaks
 from ctxkern.bench.report import git_commit
@@ -22,7 +22,7 @@ OPS: dict[str, Callable[[str, bool, bool], list[Case]]] = {"layer_norm": layer_n
                                                             "lstm_cell": lstm_cell.cell_cases,
                                                             "lstm": lstm_cell.layer_cases,
                                                             "bert": bert.cases,
-                                                            "clip": clip.cases}
+                                                            "clip": clip.cases, "elmo": elmo.cases}
 
 
 def steady_cpu_allocator() -> str:
