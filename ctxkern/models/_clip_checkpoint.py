@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, read_json, read_weights
 from ctxkern.models._clip_inputs import ClipPreprocessor, ClipTokenizer
-from ctxkern.models._transformer import check_device, check_dtype, config_from_dict, fused_qkv
+from ctxkern.models._transformer import check_device, check_dtype, config_from_dict, fused_qkv, meta_skeleton
 from ctxkern.models.clip import ClipConfig, ClipTextConfig, ClipVisionConfig
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -198,7 +198,7 @@ def from_tensors(cls, config: ClipConfig, table: dict[str, Spec], tensors: dict[
                  source: dict[str, Path], config_name: str, backend: str):
     """The model of config holding the checkpoint's tensors (no copy where the layouts agree), every name and
     shape checked; source: the file of each tensor, for the errors."""
-    with torch.device("meta"):
+    with meta_skeleton():
         model = cls(config, backend=backend)
     ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     check_tensors(_expected_shapes(table, ours), tensors, source, ignore=_ignorable, config_name=config_name)

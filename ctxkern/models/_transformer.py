@@ -5,7 +5,9 @@ Each model keeps its own block composition (post-LN BERT, pre-LN CLIP), embeddin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
@@ -21,6 +23,32 @@ from ctxkern.ops._checks import check_cu_seqlens, check_max_seqlen, check_offset
 # attend(q, k, v) -> context: the attention over whichever layout the hidden states are in.
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- building for a checkpoint
+
+_INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+               "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def meta_skeleton():
+    """Modules built inside are on the meta device and skip torch.nn.init's fills: a checkpoint's tensors replace
+    every parameter next (load_state_dict(assign=True)), and a random fill of a meta tensor imports torch._dynamo
+    and friends, seconds of a cold start (`ctxkern search` answers one query per process). The fills are switched
+    off in torch.nn.init, which every torch.nn module's reset_parameters calls, for the duration only, under a
+    lock (as transformers' no_init_weights does; a model built in another thread at that moment would skip them
+    too, so builds are serialized)."""
+    with _init_lock, torch.device("meta"):
+        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FILLS}
+        try:
+            for name in _INIT_FILLS:
+                setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for name, fill in saved.items():
+                setattr(torch.nn.init, name, fill)
 
 
 # ----------------------------------------------------------------------------- sublayers

@@ -19,8 +19,8 @@ from ctxkern import _dispatch, nn
 from ctxkern.models._checkpoint import CheckpointError, check_tensors, checkpoint_folder, read_json, read_weights
 from ctxkern.models._linear import ACTIVATIONS, Linear
 from ctxkern.models._transformer import (Attend, check_device, check_dtype, check_ids, check_packed,
-                                         config_from_dict, fused_qkv, fused_qkv_attention, pack, packed_attention,
-                                         pad_rows_for_onednn, padded_attention, unpack)
+                                         config_from_dict, fused_qkv, fused_qkv_attention, meta_skeleton, pack,
+                                         packed_attention, pad_rows_for_onednn, padded_attention, unpack)
 
 
 # ----------------------------------------------------------------------------- config
@@ -250,7 +250,7 @@ class Bert(torch.nn.Module):
         if not has_pooler:
             expected = {n: s for n, s in expected.items() if not n.startswith("pooler.")}
         check_tensors(expected, tensors, source, ignore=_ignorable)
-        with torch.device("meta"):
+        with meta_skeleton():
             model = cls(config, backend=backend, pooler=has_pooler, padding_free=padding_free)
         state = _from_hf_names(tensors, config, has_pooler)
         model.load_state_dict(state, assign=True)
