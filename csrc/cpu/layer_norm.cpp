@@ -347,8 +347,9 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       for (int64_t i = c * rows_per_chunk; i < std::min(M, (c + 1) * rows_per_chunk); ++i) {
         backward_row<T>(dy_ptr + i * dy_stride, x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
-                        ds_ptr ? ds_ptr + i * ds_stride : nullptr, want_dw ? w32.data() : nullptr, mean_ptr[i], rstd_ptr[i], dx_ptr + i * N, xhat.data(),
-                        g.data(), dy32.data(), want_dw ? dw_part.data() + c * N : nullptr,
+                        ds_ptr ? ds_ptr + i * ds_stride : nullptr, want_dw ? w32.data() : nullptr, mean_ptr[i],
+                        rstd_ptr[i], dx_ptr + i * N, xhat.data(), g.data(), dy32.data(),
+                        want_dw ? dw_part.data() + c * N : nullptr,
                         has_bias ? db_part.data() + c * N : nullptr, N, stream);
       }
     }
@@ -399,8 +400,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   check_layer_norm_bwd_args(dy, x, residual, weight, mean, rstd, dsum, at::kCPU);
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor dx = at::empty({M, N}, x.options());
-  at::Tensor dweight = weight ? at::zeros({N}, weight->options()) : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? at::zeros({N}, x.options()) : at::empty({0}, x.options());
+  // The partials' reduction writes every element; a sum over no rows is zeros.
+  const auto make = [&](const at::TensorOptions& options) {
+    return M == 0 ? at::zeros({N}, options) : at::empty({N}, options);
+  };
+  at::Tensor dweight = weight ? make(weight->options()) : at::empty({0}, x.options());
+  at::Tensor dbias = has_bias ? make(x.options()) : at::empty({0}, x.options());
   if (M == 0) return {dx, dweight, dbias};
   CTXKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "layer_norm_bwd_cpu", [&] {
     backward<scalar_t>(dy, x, opt_ptr(residual), opt_ptr(weight), mean, rstd, has_bias, opt_ptr(dsum), dx, dweight,

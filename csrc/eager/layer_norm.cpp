@@ -39,6 +39,11 @@ Tensor as_rows(const Tensor& t) {
   return rows.size(1) <= 1 || rows.stride(1) == 1 ? rows : rows.contiguous();
 }
 
+// An operator's (M, N) output in the shape of `like` (..., N); no view op for 2-D, the common case.
+Tensor shaped_like(const Tensor& rows, const Tensor& like) {
+  return like.dim() == 2 ? rows : rows.view(like.sizes());
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_fwd(const Tensor& x, const Tensor& residual, const Tensor& weight,
                                                     const Tensor& bias, double eps, bool prenorm) {
   static const auto op =
@@ -86,8 +91,8 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     ctx->saved_data["prenorm"] = prenorm;
     // An output that takes no part in the loss gets an undefined gradient rather than a tensor of zeros.
     ctx->set_materialize_grads(false);
-    if (prenorm) return {y.view(x.sizes()), sum.view(x.sizes())};
-    return {y.view(x.sizes())};
+    if (prenorm) return {shaped_like(y, x), shaped_like(sum, x)};
+    return {shaped_like(y, x)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -118,7 +123,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     } else {
       auto [dx_rows, dw, db] = call_bwd(as_rows(dy), as_rows(x), residual.defined() ? as_rows(residual) : residual,
                                         weight, mean, rstd, has_bias, dsum.defined() ? as_rows(dsum) : dsum);
-      dx = dx_rows.view(x.sizes());
+      dx = shaped_like(dx_rows, x);
       dres = residual.defined() ? dx : Tensor();
       dweight = weight.defined() ? dw : Tensor();
       dbias = has_bias ? db : Tensor();
@@ -197,7 +202,7 @@ py::object layer_norm(py::handle x_obj, py::handle weight_obj, py::handle bias_o
     } else {
       auto [y, mean, rstd, sum] = call_fwd(as_rows(*x), residual->defined() ? as_rows(*residual) : *residual,
                                            *weight, *bias, eps, prenorm);
-      out = prenorm ? variable_list{y.view(x->sizes()), sum.view(x->sizes())} : variable_list{y.view(x->sizes())};
+      out = prenorm ? variable_list{shaped_like(y, *x), shaped_like(sum, *x)} : variable_list{shaped_like(y, *x)};
     }
   }
   if (prenorm) return py::make_tuple(out[0], out[1]);
