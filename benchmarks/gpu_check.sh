@@ -38,9 +38,10 @@
 #                                      is the sum of each extension's longest file, ops.cpp 55 + module.cpp
 #                                      46 + 46 = ~150 s, plus 3 links and pip's own work
 #   smoke                60       10   `ctxkern info`; the cuda and triton backends must be available
-#   tests-kernels       180     ~150   `pytest -m cuda -k "not torch-cuda"`: 958 tests at 2026-12-01 (the cuda and
-#                                      triton backends, opcheck and torch.compile on CUDA among them; `-m cuda`
-#                                      collects 1338, all skipped on a CPU machine). When 648 of them existed,
+#   tests-kernels       180     ~150   `pytest -m cuda -k "not torch-cuda"`: 1036 tests at 2026-12-01, evening (958
+#                                      that morning; the cuda and triton backends, opcheck and torch.compile on
+#                                      CUDA among them, LayerNorm's prenorm, CLIP and ELMo added; `-m cuda`
+#                                      collects 1442, all skipped on a CPU machine). When 648 of them existed,
 #                                      their cpu-backend twins (324) took 111 s here, loaded; on the GPU the
 #                                      time is mostly Triton's JIT compiles: 0.26 CPU s per kernel
 #                                      specialization here (tests/test_triton_compile.py, 174 compiles in
@@ -54,7 +55,7 @@
 #                                      flushed), bert's ~4 s (a call encodes 256 sentences): ~170 s before
 #                                      bert, ~120 s for bert; torch.compile left out (its compiles would take
 #                                      minutes)
-#   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 372 tests of the torch backend on CUDA
+#   tests-torch-cuda    120       40   `pytest -m cuda -k torch-cuda`: the 406 tests of the torch backend on CUDA
 #
 #   deadline 480 s (8 minutes): every limit is cut to what is left of it, less 15 s (10 for `timeout -k`, 5 for
 #   the summary), so the call ends within 8 minutes and keeps 2 of the 10 spare. Expected: build, smoke and
