@@ -4,8 +4,10 @@ forward and backward, fp32, at BERT / MiniLM / CLIP head dims (D = 32, 64, 80, 1
 
 Each candidate runs in alternating blocks of calls (>= ~30 ms each), so that all of them see the same
 interference on a shared machine; a cell is the fastest block's time per call (the cost without interference),
-and the spread is the median block over the fastest.
-    THREADS=2 ROUNDS=5 python benchmarks/cpu_attention_gemm.py [targets|sweep] [fwd|bwd]
+and the spread is the median block over the fastest. CLOCK=cpu times the process's CPU time instead of the wall
+clock: on a machine that other jobs load, a descheduled thread then costs nothing, which makes one-thread
+comparisons (THREADS=1) steadier; with two threads it counts the spin of the thread that waits at the end.
+    THREADS=2 ROUNDS=5 [CLOCK=wall|cpu] python benchmarks/cpu_attention_gemm.py [targets|sweep] [fwd|bwd]
 """
 import os
 import sys
@@ -19,6 +21,7 @@ from ctxkern import ops
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 BLOCK_S = float(os.environ.get("BLOCK_S", "0.03"))
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}[os.environ.get("CLOCK", "wall")]
 GEMMS = ("blas", "microkernel")
 
 
@@ -50,16 +53,16 @@ def time_blocks(fns: dict) -> dict:
     calls = {}
     for name, fn in fns.items():
         fn()
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        calls[name] = max(1, int(BLOCK_S / max(time.perf_counter() - start, 1e-6)))
+        calls[name] = max(1, int(BLOCK_S / max(CLOCK() - start, 1e-6)))
     blocks = {name: [] for name in fns}
     for _ in range(ROUNDS):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = CLOCK()
             for _ in range(calls[name]):
                 fn()
-            blocks[name].append((time.perf_counter() - start) / calls[name] * 1e3)
+            blocks[name].append((CLOCK() - start) / calls[name] * 1e3)
     out = {}
     for name, times in blocks.items():
         times.sort()
@@ -108,7 +111,8 @@ def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "targets"
     directions = sys.argv[2:] or ["fwd", "bwd"]
     shapes = TARGETS if which == "targets" else sweep()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, fp32; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, fp32, "
+          f"{os.environ.get('CLOCK', 'wall')} clock; "
           "ms = fastest block, (x) = median block / fastest")
     print("| dir | B | S | H | D | real | sdpa ms | blas ms | microkernel ms | micro vs blas | micro vs sdpa |"
           " blas vs sdpa |")

@@ -1,9 +1,9 @@
 // Attention (dense with key padding mask, causal, variable-length), forward and backward, on the CPU.
 //
-// Forward (FlashAttention): one task owns a block of kQueryBlock query rows of one (sequence, head). It walks
+// Forward (FlashAttention): one task owns a block of kForwardQueryBlock query rows of one (sequence, head). It walks
 // the sequence's key chunks (blocks of kKeyBlock keys), computing the score tile S = scale * Q K^T, updating
 // each row's running max and sum (online softmax) and accumulating P V into an fp32 (rows, D) accumulator, so
-// no thread ever holds more than one (kQueryBlock, kKeyBlock) tile of scores: memory is O(S * D).
+// no thread ever holds more than one (kForwardQueryBlock, kKeyBlock) tile of scores: memory is O(S * D).
 // Backward (FlashAttention-2): one task owns one (sequence, head). For each key chunk it recomputes P from the
 // saved log-sum-exp block by block of queries and accumulates dK, dV of the chunk and dQ of the whole sequence
 // in fp32; owning the whole head makes every gradient a single thread's, so there are no atomic adds and the
@@ -30,6 +30,9 @@
 namespace ctxkern {
 namespace {
 
+// The forward's query block is twice the backward's: each block packs K^T once per key chunk for the
+// microkernel, and at S = 128 one block per head packs it once.
+constexpr int64_t kForwardQueryBlock = 128;
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -130,7 +133,7 @@ struct TransposedOperand {
 
 inline TransposedOperand transposed_operand(const Params& p, Rows rows, int64_t n, float* packed) {
   if (!p.micro) return {rows, nullptr};
-  pack_transposed(rows.data, rows.ld, n, p.d, packed);
+  pack_transposed(rows.data, rows.ld, n, p.d, packed, n);
   return {rows, packed};
 }
 
@@ -160,15 +163,43 @@ inline void mask_tile(float* scores, int64_t m, int64_t n, const float* bias, bo
 
 // One thread's tiles, allocated once per parallel task.
 struct ForwardScratch {
-  std::vector<float> q, k, v;  // fp32 staging of fp16/bf16 rows: (kQueryBlock, D), (kKeyBlock, D) x 2
+  std::vector<float> q, k, v;  // fp32 staging of fp16/bf16 rows: (kForwardQueryBlock, D), (kKeyBlock, D) x 2
   std::vector<float> kt;       // (D, kKeyBlock): K^T packed for the microkernel
-  std::vector<float> scores;   // (kQueryBlock, kKeyBlock)
-  std::vector<float> acc;      // (kQueryBlock, D)
-  std::vector<float> max, sum;  // (kQueryBlock,)
+  std::vector<float> scores;   // (kForwardQueryBlock, kKeyBlock)
+  std::vector<float> acc;      // (kForwardQueryBlock, D)
+  std::vector<float> max, sum;  // (kForwardQueryBlock,)
   explicit ForwardScratch(int64_t d)
-      : q(kQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d), kt(d * kKeyBlock), scores(kQueryBlock * kKeyBlock),
-        acc(kQueryBlock * d), max(kQueryBlock), sum(kQueryBlock) {}
+      : q(kForwardQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d), kt(d * kKeyBlock),
+        scores(kForwardQueryBlock * kKeyBlock), acc(kForwardQueryBlock * d), max(kForwardQueryBlock),
+        sum(kForwardQueryBlock) {}
 };
+
+// The online softmax's update for one stored (m, n) tile of masked scores (row stride kKeyBlock): each row's
+// running max and sum, its acc rescaled when the max grows, and the scores replaced by P = exp(S - max).
+inline void online_softmax_update(float* scores, int64_t m, int64_t n, int64_t d, ForwardScratch& s) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = scores + r * kKeyBlock;
+    // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
+    const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
+    if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
+      bool has_nan = false;
+      for (int64_t j = 0; j < n; ++j) {
+        has_nan |= std::isnan(row[j]);
+        row[j] = std::isnan(row[j]) ? row[j] : 0.f;
+      }
+      if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float row_sum = exp_shifted<true>(row, n, new_max);
+    if (old_max != new_max && old_max != kNegInf) {
+      const float correction = std::exp(old_max - new_max);
+      s.sum[r] *= correction;
+      scale_row(s.acc.data() + r * d, d, correction);
+    }
+    s.sum[r] += row_sum;
+    s.max[r] = new_max;
+  }
+}
 
 // Forward of query rows [i0, i0 + m) of one head: out rows and their lse.
 template <typename T>
@@ -177,45 +208,24 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
   // Keys from key_end on are hidden from every row of the block.
   const int64_t key_end = p.causal ? std::clamp<int64_t>(i0 + m + offset, 0, hd.sk) : hd.sk;
   const Rows q = stage_rows(hd.q + i0 * hd.q_ld, hd.q_ld, m, d, s.q.data());
-  std::fill(s.acc.begin(), s.acc.begin() + m * d, 0.f);
   std::fill(s.max.begin(), s.max.begin() + m, kNegInf);
   std::fill(s.sum.begin(), s.sum.begin() + m, 0.f);
   float* scores = s.scores.data();
 
+  // The first chunk's P V overwrites acc (beta 0), so acc needs no zeroing; a row no chunk reaches has sum 0
+  // and is written as zeros below without reading it.
   for (int64_t c = 0; c < hd.n_chunks && hd.chunks[c].lo < key_end; ++c) {
     const KeyChunk& ch = hd.chunks[c];
     const int64_t n = ch.hi - ch.lo;
-    const TransposedOperand k =
-        transposed_operand(p, stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data()), n, s.kt.data());
+    const Rows k = stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data());
     Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
-    // Only V's padding rows meet p = 0 (in P V): mask_tile overwrites the padding keys' scores.
+    // Only V's padding rows meet p = 0 (in P V): the mask overwrites the padding keys' scores.
     if (ch.padded) v = zero_nonfinite_padding(v, n, d, hd.key_bias + ch.lo, s.v.data());
-    product_bt(p, m, n, p.scale, q, k, scores, kKeyBlock);
+    product_bt(p, m, n, p.scale, q, transposed_operand(p, k, n, s.kt.data()), scores, kKeyBlock);
     mask_tile(scores, m, n, ch.padded ? hd.key_bias + ch.lo : nullptr, p.causal && ch.hi - 1 > i0 + offset, i0,
               ch.lo, offset);
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = scores + r * kKeyBlock;
-      // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
-      const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
-      if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
-        bool has_nan = false;
-        for (int64_t j = 0; j < n; ++j) {
-          has_nan |= std::isnan(row[j]);
-          row[j] = std::isnan(row[j]) ? row[j] : 0.f;
-        }
-        if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float row_sum = exp_shifted<true>(row, n, new_max);
-      if (old_max != new_max && old_max != kNegInf) {
-        const float correction = std::exp(old_max - new_max);
-        s.sum[r] *= correction;
-        scale_row(s.acc.data() + r * d, d, correction);
-      }
-      s.sum[r] += row_sum;
-      s.max[r] = new_max;
-    }
-    product(p, false, m, d, n, 1.f, scores, kKeyBlock, v.data, v.ld, 1.f, s.acc.data(), d);
+    online_softmax_update(scores, m, n, d, s);
+    product(p, false, m, d, n, 1.f, scores, kKeyBlock, v.data, v.ld, c == 0 ? 0.f : 1.f, s.acc.data(), d);
   }
 
   for (int64_t r = 0; r < m; ++r) {
@@ -248,13 +258,13 @@ void parallel_tasks(int64_t n_tasks, MakeScratch make_scratch, Task task) {
 // Forward of every (sequence, head): head_at(b, h) -> Head<T>; max_sq bounds every sequence's query count.
 template <typename T, typename HeadAt>
 void forward(int64_t batch, int64_t heads, int64_t max_sq, const Params& p, HeadAt head_at) {
-  const int64_t q_blocks = (max_sq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t q_blocks = (max_sq + kForwardQueryBlock - 1) / kForwardQueryBlock;
   parallel_tasks(
       batch * heads * q_blocks, [&] { return ForwardScratch(p.d); },
       [&](int64_t t, ForwardScratch& s) {
-        const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kQueryBlock;
+        const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kForwardQueryBlock;
         const Head<T> hd = head_at(bh / heads, bh % heads);
-        if (i0 < hd.sq) forward_block(hd, i0, std::min(kQueryBlock, hd.sq - i0), p, s);
+        if (i0 < hd.sq) forward_block(hd, i0, std::min(kForwardQueryBlock, hd.sq - i0), p, s);
       });
 }
 

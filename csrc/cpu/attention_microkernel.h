@@ -127,24 +127,25 @@ inline void micro_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, float alph
   }
 }
 
-// dst (d, n) = src^T for src (n, d) with row stride ld: the B^T operand of Q K^T and dO V^T laid out as
-// micro_gemm's row-major B. ATen's in-register transposes (16 x 16 blocks on AVX-512, 8 x 8 on AVX2).
-inline void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t d, float* dst) {
+// dst (d, n) = src^T for src (n, d) with row stride ld, dst's rows `ldd` apart: the B^T operand of Q K^T and
+// dO V^T laid out as micro_gemm's row-major B. ATen's in-register transposes (16 x 16 blocks on AVX-512, 8 x 8
+// on AVX2).
+inline void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t d, float* dst, int64_t ldd) {
 #if defined(CPU_CAPABILITY_AVX512)
-  at::vec::transpose_mxn<float>(src, ld, dst, n, static_cast<int>(n), static_cast<int>(d));
+  at::vec::transpose_mxn<float>(src, ld, dst, ldd, static_cast<int>(n), static_cast<int>(d));
 #else
   int64_t j0 = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   for (; j0 + 8 <= n; j0 += 8) {
     int64_t e = 0;
-    for (; e + 8 <= d; e += 8) at::vec::transpose_mxn<float, 8, 8>(src + j0 * ld + e, ld, dst + e * n + j0, n);
+    for (; e + 8 <= d; e += 8) at::vec::transpose_mxn<float, 8, 8>(src + j0 * ld + e, ld, dst + e * ldd + j0, ldd);
     for (; e < d; ++e) {
-      for (int64_t j = j0; j < j0 + 8; ++j) dst[e * n + j] = src[j * ld + e];
+      for (int64_t j = j0; j < j0 + 8; ++j) dst[e * ldd + j] = src[j * ld + e];
     }
   }
 #endif
   for (int64_t e = 0; e < d; ++e) {
-    for (int64_t j = j0; j < n; ++j) dst[e * n + j] = src[j * ld + e];
+    for (int64_t j = j0; j < n; ++j) dst[e * ldd + j] = src[j * ld + e];
   }
 #endif
 }
