@@ -93,14 +93,16 @@ struct Head {
   int64_t dq_ld, dkv_ld;
 };
 
-// Which tile product the kernels use: the register-blocked microkernel (attention_microkernel.h) or MKL's
-// sgemm_ (attention_tile.h's matmul). CTXKERN_CPU_ATTENTION_GEMM=blas|microkernel forces one, for
-// benchmarks/cpu_attention_gemm.py, which measures the two side by side; unset or auto is the faster one.
+// Which tile product the kernels use: MKL's sgemm_ (attention_tile.h's matmul) or the register-blocked
+// microkernel (attention_microkernel.h). Measured side by side (benchmarks/cpu_attention_gemm.py, README
+// "CPU attention: the tile products"), MKL's small-matrix kernels, which read K in place where the microkernel
+// packs K^T, were as fast or faster at every shape here, so auto takes sgemm_ where torch exports it and the
+// microkernel where it does not (instead of a scalar loop). CTXKERN_CPU_ATTENTION_GEMM=blas|microkernel forces
+// one, for that benchmark and the tests.
 inline bool use_microkernel() {
   const char* choice = std::getenv("CTXKERN_CPU_ATTENTION_GEMM");
-  if (choice == nullptr || std::strcmp(choice, "auto") == 0 || std::strcmp(choice, "microkernel") == 0) {
-    return true;
-  }
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return sgemm_ == nullptr;
+  if (std::strcmp(choice, "microkernel") == 0) return true;
   TORCH_CHECK(std::strcmp(choice, "blas") == 0, "CTXKERN_CPU_ATTENTION_GEMM must be auto, blas or microkernel, not '",
               choice, "'");
   return false;
