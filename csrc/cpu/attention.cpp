@@ -1,9 +1,9 @@
 // Attention (dense with key padding mask, causal, variable-length), forward and backward, on the CPU.
 //
-// Forward (FlashAttention): one task owns a block of kQueryBlock query rows of one (sequence, head). It walks
+// Forward (FlashAttention): one task owns a block of kForwardQueryBlock query rows of one (sequence, head). It walks
 // the sequence's key chunks (blocks of kKeyBlock keys), computing the score tile S = scale * Q K^T, updating
 // each row's running max and sum (online softmax) and accumulating P V into an fp32 (rows, D) accumulator, so
-// no thread ever holds more than one (kQueryBlock, kKeyBlock) tile of scores: memory is O(S * D).
+// no thread ever holds more than one (kForwardQueryBlock, kKeyBlock) tile of scores: memory is O(S * D).
 // Backward (FlashAttention-2): one task owns one (sequence, head). For each key chunk it recomputes P from the
 // saved log-sum-exp block by block of queries and accumulates dK, dV of the chunk and dQ of the whole sequence
 // in fp32; owning the whole head makes every gradient a single thread's, so there are no atomic adds and the
@@ -18,15 +18,21 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "../attention_checks.h"
+#include "attention_microkernel.h"
 #include "attention_tile.h"
 
 namespace ctxkern {
 namespace {
 
+// The forward's query block is twice the backward's: each block packs K^T once per key chunk for the
+// microkernel, and at S = 128 one block per head packs it once.
+constexpr int64_t kForwardQueryBlock = 128;
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -87,12 +93,61 @@ struct Head {
   int64_t dq_ld, dkv_ld;
 };
 
-// Shared by both passes: the attention's scale and causality, and the head dim.
+// Which tile product the kernels use: MKL's sgemm_ (attention_tile.h's matmul) or the register-blocked
+// microkernel (attention_microkernel.h). Measured side by side (benchmarks/cpu_attention_gemm.py, README
+// "CPU attention: the tile products"), MKL's small-matrix kernels, which read K in place where the microkernel
+// packs K^T, were as fast or faster at every shape here, so auto takes sgemm_ where torch exports it and the
+// microkernel where it does not (instead of a scalar loop). CTXKERN_CPU_ATTENTION_GEMM=blas|microkernel forces
+// one, for that benchmark and the tests.
+inline bool use_microkernel() {
+  const char* choice = std::getenv("CTXKERN_CPU_ATTENTION_GEMM");
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return sgemm_ == nullptr;
+  if (std::strcmp(choice, "microkernel") == 0) return true;
+  TORCH_CHECK(std::strcmp(choice, "blas") == 0, "CTXKERN_CPU_ATTENTION_GEMM must be auto, blas or microkernel, not '",
+              choice, "'");
+  return false;
+}
+
+// Shared by both passes: the attention's scale and causality, the head dim, and the tile product.
 struct Params {
   int64_t d;
   float scale;
   bool causal;
+  bool micro = use_microkernel();
 };
+
+// C (m, n) = alpha * op(A) B + beta * C, B row-major (k, n).
+inline void product(const Params& p, bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (p.micro) {
+    micro_gemm(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    matmul(trans_a, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+// The B^T operand of a product with B (n, D) rows (K of Q K^T, V of dO V^T): the microkernel reads it packed
+// transposed (D, n) into `packed`, once per key chunk; sgemm reads the rows as they are.
+struct TransposedOperand {
+  Rows rows;
+  const float* packed;  // (D, n), or null on the sgemm path
+};
+
+inline TransposedOperand transposed_operand(const Params& p, Rows rows, int64_t n, float* packed) {
+  if (!p.micro) return {rows, nullptr};
+  pack_transposed(rows.data, rows.ld, n, p.d, packed, n);
+  return {rows, packed};
+}
+
+// C (m, n) = alpha * A B^T (beta 0), A (m, D) rows.
+inline void product_bt(const Params& p, int64_t m, int64_t n, float alpha, Rows a, const TransposedOperand& b,
+                       float* c, int64_t ldc) {
+  if (b.packed) {
+    micro_gemm(false, m, n, p.d, alpha, a.data, a.ld, b.packed, n, 0.f, c, ldc);
+  } else {
+    matmul(false, true, m, n, p.d, alpha, a.data, a.ld, b.rows.data, b.rows.ld, 0.f, c, ldc);
+  }
+}
 
 // Sets the masked scores of a (m, n) tile of rows i0.. and keys lo.. to -inf: padding (bias) and, when
 // `causal_cut`, the keys past row i's last visible key i + offset.
@@ -110,14 +165,43 @@ inline void mask_tile(float* scores, int64_t m, int64_t n, const float* bias, bo
 
 // One thread's tiles, allocated once per parallel task.
 struct ForwardScratch {
-  std::vector<float> q, k, v;  // fp32 staging of fp16/bf16 rows: (kQueryBlock, D), (kKeyBlock, D) x 2
-  std::vector<float> scores;   // (kQueryBlock, kKeyBlock)
-  std::vector<float> acc;      // (kQueryBlock, D)
-  std::vector<float> max, sum;  // (kQueryBlock,)
+  std::vector<float> q, k, v;  // fp32 staging of fp16/bf16 rows: (kForwardQueryBlock, D), (kKeyBlock, D) x 2
+  std::vector<float> kt;       // (D, kKeyBlock): K^T packed for the microkernel
+  std::vector<float> scores;   // (kForwardQueryBlock, kKeyBlock)
+  std::vector<float> acc;      // (kForwardQueryBlock, D)
+  std::vector<float> max, sum;  // (kForwardQueryBlock,)
   explicit ForwardScratch(int64_t d)
-      : q(kQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d), scores(kQueryBlock * kKeyBlock),
-        acc(kQueryBlock * d), max(kQueryBlock), sum(kQueryBlock) {}
+      : q(kForwardQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d), kt(d * kKeyBlock),
+        scores(kForwardQueryBlock * kKeyBlock), acc(kForwardQueryBlock * d), max(kForwardQueryBlock),
+        sum(kForwardQueryBlock) {}
 };
+
+// The online softmax's update for one stored (m, n) tile of masked scores (row stride kKeyBlock): each row's
+// running max and sum, its acc rescaled when the max grows, and the scores replaced by P = exp(S - max).
+inline void online_softmax_update(float* scores, int64_t m, int64_t n, int64_t d, ForwardScratch& s) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = scores + r * kKeyBlock;
+    // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
+    const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
+    if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
+      bool has_nan = false;
+      for (int64_t j = 0; j < n; ++j) {
+        has_nan |= std::isnan(row[j]);
+        row[j] = std::isnan(row[j]) ? row[j] : 0.f;
+      }
+      if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float row_sum = exp_shifted<true>(row, n, new_max);
+    if (old_max != new_max && old_max != kNegInf) {
+      const float correction = std::exp(old_max - new_max);
+      s.sum[r] *= correction;
+      scale_row(s.acc.data() + r * d, d, correction);
+    }
+    s.sum[r] += row_sum;
+    s.max[r] = new_max;
+  }
+}
 
 // Forward of query rows [i0, i0 + m) of one head: out rows and their lse.
 template <typename T>
@@ -126,44 +210,24 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
   // Keys from key_end on are hidden from every row of the block.
   const int64_t key_end = p.causal ? std::clamp<int64_t>(i0 + m + offset, 0, hd.sk) : hd.sk;
   const Rows q = stage_rows(hd.q + i0 * hd.q_ld, hd.q_ld, m, d, s.q.data());
-  std::fill(s.acc.begin(), s.acc.begin() + m * d, 0.f);
   std::fill(s.max.begin(), s.max.begin() + m, kNegInf);
   std::fill(s.sum.begin(), s.sum.begin() + m, 0.f);
   float* scores = s.scores.data();
 
+  // The first chunk's P V overwrites acc (beta 0), so acc needs no zeroing; a row no chunk reaches has sum 0
+  // and is written as zeros below without reading it.
   for (int64_t c = 0; c < hd.n_chunks && hd.chunks[c].lo < key_end; ++c) {
     const KeyChunk& ch = hd.chunks[c];
     const int64_t n = ch.hi - ch.lo;
     const Rows k = stage_rows(hd.k + ch.lo * hd.k_ld, hd.k_ld, n, d, s.k.data());
     Rows v = stage_rows(hd.v + ch.lo * hd.v_ld, hd.v_ld, n, d, s.v.data());
-    // Only V's padding rows meet p = 0 (in P V): mask_tile overwrites the padding keys' scores.
+    // Only V's padding rows meet p = 0 (in P V): the mask overwrites the padding keys' scores.
     if (ch.padded) v = zero_nonfinite_padding(v, n, d, hd.key_bias + ch.lo, s.v.data());
-    matmul(false, true, m, n, d, p.scale, q.data, q.ld, k.data, k.ld, 0.f, scores, kKeyBlock);
+    product_bt(p, m, n, p.scale, q, transposed_operand(p, k, n, s.kt.data()), scores, kKeyBlock);
     mask_tile(scores, m, n, ch.padded ? hd.key_bias + ch.lo : nullptr, p.causal && ch.hi - 1 > i0 + offset, i0,
               ch.lo, offset);
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = scores + r * kKeyBlock;
-      // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
-      const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
-      if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
-        bool has_nan = false;
-        for (int64_t j = 0; j < n; ++j) {
-          has_nan |= std::isnan(row[j]);
-          row[j] = std::isnan(row[j]) ? row[j] : 0.f;
-        }
-        if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float row_sum = exp_shifted<true>(row, n, new_max);
-      if (old_max != new_max && old_max != kNegInf) {
-        const float correction = std::exp(old_max - new_max);
-        s.sum[r] *= correction;
-        scale_row(s.acc.data() + r * d, d, correction);
-      }
-      s.sum[r] += row_sum;
-      s.max[r] = new_max;
-    }
-    matmul(false, false, m, d, n, 1.f, scores, kKeyBlock, v.data, v.ld, 1.f, s.acc.data(), d);
+    online_softmax_update(scores, m, n, d, s);
+    product(p, false, m, d, n, 1.f, scores, kKeyBlock, v.data, v.ld, c == 0 ? 0.f : 1.f, s.acc.data(), d);
   }
 
   for (int64_t r = 0; r < m; ++r) {
@@ -196,25 +260,26 @@ void parallel_tasks(int64_t n_tasks, MakeScratch make_scratch, Task task) {
 // Forward of every (sequence, head): head_at(b, h) -> Head<T>; max_sq bounds every sequence's query count.
 template <typename T, typename HeadAt>
 void forward(int64_t batch, int64_t heads, int64_t max_sq, const Params& p, HeadAt head_at) {
-  const int64_t q_blocks = (max_sq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t q_blocks = (max_sq + kForwardQueryBlock - 1) / kForwardQueryBlock;
   parallel_tasks(
       batch * heads * q_blocks, [&] { return ForwardScratch(p.d); },
       [&](int64_t t, ForwardScratch& s) {
-        const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kQueryBlock;
+        const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kForwardQueryBlock;
         const Head<T> hd = head_at(bh / heads, bh % heads);
-        if (i0 < hd.sq) forward_block(hd, i0, std::min(kQueryBlock, hd.sq - i0), p, s);
+        if (i0 < hd.sq) forward_block(hd, i0, std::min(kForwardQueryBlock, hd.sq - i0), p, s);
       });
 }
 
 struct BackwardScratch {
   std::vector<float> q, dout, k, v;  // fp32 staging of fp16/bf16 rows (block, D)
+  std::vector<float> kt, vt;         // (D, kKeyBlock): K^T and V^T packed for the microkernel
   std::vector<float> p, dp;          // (kQueryBlock, kKeyBlock): P, then dP and dS
   std::vector<float> delta;          // (max_sq,) rowsum(dout * out)
   std::vector<float> dq, dk, dv;     // fp32 accumulators of fp16/bf16 gradients: (max_sq, D), (kKeyBlock, D) x 2
   std::vector<float> out_row;        // (D,)
   BackwardScratch(int64_t max_sq, int64_t d, bool fp32)
-      : q(kQueryBlock * d), dout(kQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d),
-        p(kQueryBlock * kKeyBlock), dp(kQueryBlock * kKeyBlock), delta(max_sq), dq(fp32 ? 0 : max_sq * d),
+      : q(kQueryBlock * d), dout(kQueryBlock * d), k(kKeyBlock * d), v(kKeyBlock * d), kt(d * kKeyBlock),
+        vt(d * kKeyBlock), p(kQueryBlock * kKeyBlock), dp(kQueryBlock * kKeyBlock), delta(max_sq), dq(fp32 ? 0 : max_sq * d),
         dk(fp32 ? 0 : kKeyBlock * d), dv(fp32 ? 0 : kKeyBlock * d), out_row(d) {}
 };
 
@@ -261,6 +326,8 @@ void backward_head(const Head<T>& hd, const Params& p, BackwardScratch& s) {
       k = zero_nonfinite_padding(k, n, d, hd.key_bias + ch.lo, s.k.data());
       v = zero_nonfinite_padding(v, n, d, hd.key_bias + ch.lo, s.v.data());
     }
+    const TransposedOperand kt = transposed_operand(p, k, n, s.kt.data());
+    const TransposedOperand vt = transposed_operand(p, v, n, s.vt.data());
     const auto [dk, dk_ld] = grad_accumulator(hd.dk + ch.lo * hd.dkv_ld, hd.dkv_ld, s.dk, n, d);
     const auto [dv, dv_ld] = grad_accumulator(hd.dv + ch.lo * hd.dkv_ld, hd.dkv_ld, s.dv, n, d);
 
@@ -268,18 +335,18 @@ void backward_head(const Head<T>& hd, const Params& p, BackwardScratch& s) {
       const int64_t m = std::min(kQueryBlock, hd.sq - i0);
       const Rows q = stage_rows(hd.q + i0 * hd.q_ld, hd.q_ld, m, d, s.q.data());
       const Rows dout = stage_rows(hd.dout + i0 * hd.dout_ld, hd.dout_ld, m, d, s.dout.data());
-      matmul(false, true, m, n, d, p.scale, q.data, q.ld, k.data, k.ld, 0.f, scores, kKeyBlock);
+      product_bt(p, m, n, p.scale, q, kt, scores, kKeyBlock);
       mask_tile(scores, m, n, ch.padded ? hd.key_bias + ch.lo : nullptr, p.causal && ch.hi - 1 > i0 + offset, i0,
                 ch.lo, offset);
       // P = exp(S - lse); a row that sees no key has lse = +inf, hence P = 0.
       for (int64_t r = 0; r < m; ++r) exp_shifted<false>(scores + r * kKeyBlock, n, hd.lse[i0 + r]);
-      matmul(true, false, n, d, m, 1.f, scores, kKeyBlock, dout.data, dout.ld, 1.f, dv, dv_ld);     // dV += P^T dO
-      matmul(false, true, m, n, d, 1.f, dout.data, dout.ld, v.data, v.ld, 0.f, dscores, kKeyBlock);  // dP = dO V^T
+      product(p, true, n, d, m, 1.f, scores, kKeyBlock, dout.data, dout.ld, 1.f, dv, dv_ld);  // dV += P^T dO
+      product_bt(p, m, n, 1.f, dout, vt, dscores, kKeyBlock);                                 // dP = dO V^T
       for (int64_t r = 0; r < m; ++r) {
         softmax_grad_row(scores + r * kKeyBlock, dscores + r * kKeyBlock, n, s.delta[i0 + r]);
       }
-      matmul(false, false, m, d, n, p.scale, dscores, kKeyBlock, k.data, k.ld, 1.f, dq + i0 * dq_ld, dq_ld);
-      matmul(true, false, n, d, m, p.scale, dscores, kKeyBlock, q.data, q.ld, 1.f, dk, dk_ld);
+      product(p, false, m, d, n, p.scale, dscores, kKeyBlock, k.data, k.ld, 1.f, dq + i0 * dq_ld, dq_ld);
+      product(p, true, n, d, m, p.scale, dscores, kKeyBlock, q.data, q.ld, 1.f, dk, dk_ld);
     }
     // A padding key's gradient is 0; P^T dO and dS^T Q would make it NaN from a NaN in a padded query row.
     for (int64_t j = 0; ch.padded && j < n; ++j) {

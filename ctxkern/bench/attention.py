@@ -31,7 +31,9 @@ _TINY = ("query", 1, 16, 12, 64, False, 0.0)
 _CPU_SHAPES = [_TINY, ("bert-base", 8, 128, 12, 64, False, 0.0), ("bert-base", 8, 128, 12, 64, False, 0.3),
                ("bert-base", 32, 128, 12, 64, False, 0.0), ("bert-base", 32, 128, 12, 64, False, 0.5),
                ("bert-base", 4, 512, 12, 64, False, 0.5), ("clip-text", 32, 77, 8, 64, True, 0.0),
-               ("clip-vision", 64, 50, 12, 64, False, 0.0)]
+               ("clip-vision", 64, 50, 12, 64, False, 0.0),
+               # MiniLM's head dim 32 (all-MiniLM-L6-v2: 12 heads of 32), and 80 (ViT-H/14's 16 heads of 80, 257 tokens).
+               ("minilm", 32, 128, 12, 32, False, 0.3), ("clip-vit-h", 4, 257, 16, 80, False, 0.0)]
 _QUICK_SHAPES = [_TINY, ("bert-base", 8, 128, 12, 64, False, 0.0), ("bert-base", 8, 128, 12, 64, False, 0.3)]
 
 SDPA_BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
