@@ -87,10 +87,11 @@ def test_row_buckets_are_few_and_tight():
 
 
 @pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
-def test_quick_gelu_scaled_parameters_follow_changes_of_the_weights(onednn_calls):
-    """QuickGELU runs as oneDNN's swish on 1.702-scaled copies of the parameters, cached: a change of the
-    parameters (in place, or a new tensor) must reach the output."""
-    layer = Linear(48, 40, activation="quick_gelu")
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu", None], ids=str)
+def test_cached_onednn_parameters_follow_changes_of_the_weights(activation, onednn_calls):
+    """oneDNN runs on cached copies of the parameters (the weight in its blocked layout; for QuickGELU,
+    1.702-scaled copies): a change of the parameters (in place, or a new tensor) must reach the output."""
+    layer = Linear(48, 40, activation=activation)
     x = torch.randn(5, 48)
     with torch.inference_mode():
         layer(x)
