@@ -70,6 +70,15 @@ def _range_of(event) -> str | None:
     return None
 
 
+def _top_operators(prof, rounds: int, n: int) -> list[tuple[str, float]]:
+    """The n operators of most self time outside the tokenize and pack ranges, (name, ms per call)."""
+    ms: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.name.startswith(WRAPPERS) and _range_of(e.cpu_parent) is None:
+            ms[e.name] += e.self_cpu_time_total / 1e3 / rounds
+    return sorted(ms.items(), key=lambda kv: -kv[1])[:n]
+
+
 def _shares(prof, rounds: int) -> tuple[float, dict[str, float]]:
     """(encode's wall ms per call, {category: ms per call}). An operator's self time (a parallel operator's
     wall time on the calling thread, its threads' work included) goes to its category, unless it ran inside
@@ -100,6 +109,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=bench_bert.BATCH_SIZE)
+    parser.add_argument("--top", type=int, default=8, help="also list this many operators of most self time")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,8 +145,11 @@ def main() -> int:
         if rate is not None:
             print(f"  matrix products: {rate * 1e3:.0f} GFLOP/s = "
                   + ", ".join(f"{rate / v:.0%} of {k}" for k, v in peak.items()))
+        top = _top_operators(prof, args.rounds, args.top)
+        print("  operators of most self time: " + ", ".join(f"{name} {value / total:.1%}" for name, value in top))
         report["sets"][name] = {"sentences": len(sentences), "tokens": sum(lengths), "encode_ms": total,
-                                "unprofiled_ms": unprofiled, "ms": ms, "matmul_tflops": rate}
+                                "unprofiled_ms": unprofiled, "ms": ms, "matmul_tflops": rate,
+                                "top_operators_ms": dict(top)}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -1,15 +1,19 @@
 """End-to-end sentence embeddings: the same sentences (ctxkern.bench.sentences) through the same model, from
-text to normalized (N, 384) embeddings, tokenization included, batch size 32.
+text to normalized (N, 384) embeddings, tokenization included, batch size 32. Two sets: a fixed mix of lengths
+(mostly short, a tail of long passages) and 128 long paragraphs of real documentation (pydoc_data.topics).
 
 The model is the bundled all-MiniLM-L6-v2 when its package is installed, else a random-weight model of its
 configuration saved once as a sentence-transformers folder that every candidate loads. Candidates:
 sentence-transformers' encode (the peer the speed-up is taken against), Hugging Face's BertModel (SDPA) with
-its tokenizer and a mean pool, and ctxkern's SentenceEncoder padding-free (its default) and padded, per
-backend. The check: each candidate's embeddings against sentence-transformers' own encode in float64.
-fp32 on a CPU; on CUDA also fp16 and bf16, and a padding study: one batch of 32 sentences, about half of it
-padding, our padded path against our padding-free one. A quick run: one batch of short sentences, fp32 (bf16 on
-CUDA), few timing rounds. In the shape, N sentences hold `tokens` real tokens after truncation, and real= is
-their share of the padded batches (sorted by length) that the padded candidates build.
+its tokenizer and a mean pool, ONNX Runtime on an export of the same BertModel (bench/onnx_runtime.py; an
+optional peer, skipped with the reason when onnxruntime or onnx is missing; on the CPU in fp32 only), and
+ctxkern's SentenceEncoder padding-free (its default) and padded, per backend; ctxkern's rows also report the
+speed-up over each other peer. The check: each candidate's embeddings against sentence-transformers' own
+encode in float64. fp32 on a CPU; on CUDA also fp16 and bf16, and a padding study: one batch of 32 sentences,
+about half of it padding, our padded path against our padding-free one. A quick run: one batch of short
+sentences, fp32 (bf16 on CUDA), few timing rounds (the ONNX export included: a few seconds on first use, then
+cached). In the shape, N sentences hold `tokens` real tokens after truncation, and real= is their share of the
+padded batches (sorted by length) that the padded candidates build.
 
 TFLOP/s count the encoder's useful work on the real tokens (tokenization and pooling are not counted):
 per layer, 2 * (4 H^2 + 2 H I) flops per token for the projections and the MLP, and 4 * H flops per
