@@ -120,3 +120,22 @@ def test_quick_gelu_mlp_with_the_division_in_the_second_weight_matches_float64(o
     assert len(onednn_calls) == 4
     hidden = float64_reference(mlp.fc1, x)
     assert_fp32_close(out, F.linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double()))
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_a_layer_that_ran_can_be_copied_pickled_and_saved():
+    """The cached packed weight (an opaque oneDNN tensor) stays out of copies, which pack their own."""
+    import copy
+    import io
+    import pickle
+
+    layer = Linear(48, 40, activation="gelu")
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), torch.load(buffer, weights_only=False)):
+        with torch.inference_mode():
+            assert torch.equal(other(x), expected)

@@ -124,6 +124,19 @@ class Linear(torch.nn.Linear):
             self.__dict__["_packed_for_onednn"] = cached
         return cached[1]
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda() ... give new parameters: the packed copy of the old weight is dropped now,
+        # not held until the next oneDNN call.
+        self.__dict__.pop("_packed_for_onednn", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # The packed weight is an opaque oneDNN tensor, which pickle, deepcopy and torch.save cannot copy; a copy
+        # packs its own on first use.
+        state = dict(super().__getstate__())
+        state.pop("_packed_for_onednn", None)
+        return state
+
     def onednn_serves(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return (ONEDNN_LINEAR and not needs_grad and x.device.type == "cpu" and x.dtype == torch.float32
