@@ -1,5 +1,6 @@
 """Sentence embeddings end to end: ctxkern's SentenceEncoder (padding-free and padded) against
-sentence-transformers' encode and Hugging Face's BertModel (SDPA), same sentences, same model (`make bench`)."""
+sentence-transformers' encode, Hugging Face's BertModel (SDPA) and ONNX Runtime, same sentences, same model
+(`make bench`)."""
 from candidates import bench_candidate, parametrize_candidates
 
 

@@ -30,6 +30,8 @@ def parametrize_candidates(metafunc, op: str) -> None:
 def bench_candidate(benchmark, op: str, device: str, case_index: int, backend: str) -> None:
     case = cases(op, device)[case_index]
     cand = next(c for c in case.candidates if c.backend == backend)
+    if cand.skip is not None:
+        pytest.skip(f"{backend}: {cand.skip}")
     problem = check(cand, case.reference(), case.dtype)
     if problem is not None and not cand.baseline:
         pytest.fail(f"{backend} gives a wrong result: {problem}")

@@ -1,6 +1,7 @@
 """The `ctxkern` command: info, --version, help text, and the benchmark harness's files."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -8,13 +9,15 @@ import pytest
 
 import ctxkern
 from ctxkern import cli
+from ctxkern.bench import onnx_runtime
 
 ROW_KEYS = {"op", "backend", "shape", "dtype", "median_ms", "gbps", "tflops", "speedup_vs_torch", "peak_fraction",
             "baseline"}
 
 
-def ctxkern_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctxkern", *args], capture_output=True, text=True, timeout=600)
+def ctxkern_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctxkern", *args], capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_info_lists_backends():
@@ -64,12 +67,23 @@ def assert_fits_a_terminal(stdout: str) -> None:
 
 
 def test_bench_bert_quick_reports_sentences_per_second_against_sentence_transformers(tmp_path):
-    proc = ctxkern_cli("bench", "--op", "bert", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    proc = ctxkern_cli("bench", "--op", "bert", "--device", "cpu", "--quick", "--out", str(tmp_path / "out"),
+                       env={"CTXKERN_CACHE": str(tmp_path / "cache")})          # the ONNX export's cache
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(next(tmp_path.glob("*-cpu-bert.json")).read_text())
-    rows = result["rows"]
+    result = json.loads(next((tmp_path / "out").glob("*-cpu-bert.json")).read_text())
+    rows = list(result["rows"])
     assert {r["backend"] for r in rows} == {"sentence-transformers encode", "HF BertModel (SDPA) + mean pool",
+                                            "ONNX Runtime (CPU EP) + mean pool",
                                             "ctxkern.cpu SentenceEncoder", "ctxkern.cpu SentenceEncoder padded"}
+    # ONNX Runtime is an optional peer: timed where it is installed, else skipped with the reason.
+    [ort] = [r for r in rows if r["backend"].startswith("ONNX Runtime")]
+    rows.remove(ort)
+    assert ("skipped" in ort) == (onnx_runtime.unavailable_reason() is not None)
+    if "skipped" in ort:
+        assert f"skipped: {ort['skipped']}" in proc.stdout
+    else:
+        assert "error" not in ort and "note" not in ort and ort["speedup_vs_peer"] > 0, ort
+        assert list((tmp_path / "cache" / "onnx").glob("*/model.onnx"))
     for row in rows:
         assert ROW_KEYS <= row.keys() and "error" not in row and "note" not in row, row
         assert row["op"] == "bert_encode" and "N=32 " in row["shape"] and row["dtype"] == "float32"
@@ -81,6 +95,10 @@ def test_bench_bert_quick_reports_sentences_per_second_against_sentence_transfor
         assert row["peak_fraction"] == pytest.approx(row["tflops"] / result["peak"]["fp32_tflops"])
     [st] = [r for r in rows if r["backend"] == "sentence-transformers encode"]
     assert st["speedup_vs_peer"] == 1.0
+    for row in rows:
+        if not row["baseline"]:      # ctxkern's rows, against every peer that ran
+            assert set(row["speedup_vs_peers"]) == {r["backend"] for r in result["rows"]
+                                                    if r["baseline"] and r["median_ms"] is not None}
     assert "items/s" in proc.stdout and "vs torch: vs sentence-transformers encode" in proc.stdout
     assert_fits_a_terminal(proc.stdout)
 

@@ -87,10 +87,11 @@ def test_row_buckets_are_few_and_tight():
 
 
 @pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
-def test_quick_gelu_scaled_parameters_follow_changes_of_the_weights(onednn_calls):
-    """QuickGELU runs as oneDNN's swish on 1.702-scaled copies of the parameters, cached: a change of the
-    parameters (in place, or a new tensor) must reach the output."""
-    layer = Linear(48, 40, activation="quick_gelu")
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu", None], ids=str)
+def test_cached_onednn_parameters_follow_changes_of_the_weights(activation, onednn_calls):
+    """oneDNN runs on cached copies of the parameters (the weight in its blocked layout; for QuickGELU,
+    1.702-scaled copies): a change of the parameters (in place, or a new tensor) must reach the output."""
+    layer = Linear(48, 40, activation=activation)
     x = torch.randn(5, 48)
     with torch.inference_mode():
         layer(x)
@@ -119,3 +120,22 @@ def test_quick_gelu_mlp_with_the_division_in_the_second_weight_matches_float64(o
     assert len(onednn_calls) == 4
     hidden = float64_reference(mlp.fc1, x)
     assert_fp32_close(out, F.linear(hidden, mlp.fc2.weight.double(), mlp.fc2.bias.double()))
+
+
+@pytest.mark.skipif(not _linear.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_a_layer_that_ran_can_be_copied_pickled_and_saved():
+    """The cached packed weight (an opaque oneDNN tensor) stays out of copies, which pack their own."""
+    import copy
+    import io
+    import pickle
+
+    layer = Linear(48, 40, activation="gelu")
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), torch.load(buffer, weights_only=False)):
+        with torch.inference_mode():
+            assert torch.equal(other(x), expected)

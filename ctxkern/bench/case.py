@@ -25,6 +25,7 @@ class Candidate:
     backend: str                                  # e.g. "torch eager", "torch.compile", "ctxkern.cpu"
     fn: Callable[[], object]                      # one run; returns a Tensor or a tuple of Tensors
     baseline: bool                                # True for PyTorch and peers, False for ctxkern's own kernels
+    skip: Optional[str] = None                    # why this candidate cannot run here (an optional peer)
 
 
 @dataclass
@@ -131,6 +132,9 @@ def run_case(case: Case, device: str, peaks: dict) -> list[dict]:
     for cand in case.candidates:
         row = _new_row(case, cand)
         rows.append(row)
+        if cand.skip is not None:
+            row["skipped"] = cand.skip
+            continue
         problem = _check_or_explain(cand, reference, case.dtype)
         if problem is not None and not cand.baseline:
             row["error"] = problem
@@ -177,4 +181,10 @@ def run_case(case: Case, device: str, peaks: dict) -> list[dict]:
             row["items_per_s"] = case.items / ms * 1e3
         if peer_ms is not None:
             row["speedup_vs_peer"] = peer_ms / ms
+    if case.peer is not None:
+        # End to end, each of ctxkern's rows against every peer that ran, not only the main one.
+        peers = {row["backend"]: ms for (row, _), ms in zip(timed, times) if row["baseline"]}
+        for (row, _), ms in zip(timed, times):
+            if not row["baseline"]:
+                row["speedup_vs_peers"] = {name: peer / ms for name, peer in peers.items()}
     return rows

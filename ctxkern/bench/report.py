@@ -51,6 +51,8 @@ PEER_NOTE = ("'vs <peer>' in the 'vs torch' column: an end-to-end case (no torch
 def _time_cell(r: dict) -> str:
     if "error" in r:
         return "WRONG: " + r["error"]
+    if "skipped" in r:
+        return "skipped: " + r["skipped"]
     return _fmt(r["median_ms"], ".4f") + (f" ({r['note']})" if "note" in r else "")
 
 
@@ -67,7 +69,13 @@ def _speedup(r: dict) -> tuple[Optional[float], str]:
 
 def _speedup_cell(r: dict) -> str:
     value, against = _speedup(r)
-    return _ratio_cell(value, 1, "x") + against
+    return _ratio_cell(value, 1, "x") + against + "".join(f"; {_ratio_cell(x, 1, 'x')} vs {name}" for name, x in
+                                                          _other_peers(r))
+
+
+def _other_peers(r: dict) -> list[tuple[str, float]]:
+    """An end-to-end row's speed-ups over the peers other than the main one (name, ratio)."""
+    return [(name, x) for name, x in r.get("speedup_vs_peers", {}).items() if name != r.get("peer")]
 
 
 def _basis_cell(r: dict) -> str:
@@ -190,6 +198,8 @@ def text_columns(result: dict) -> tuple[str, ...]:
 def _text_cells(r: dict, cpu: bool, items: bool) -> list[str]:
     if "error" in r:
         ms = "WRONG"
+    elif "skipped" in r:
+        ms = "skipped"
     else:
         ms = _sig(r["median_ms"]) + ("!" if "note" in r else "")
     value, _ = _speedup(r)
@@ -225,8 +235,13 @@ def format_text(result: dict) -> str:
                        + "".join(c.rjust(w + 1) for c, w in zip(_text_cells(r, cpu, items), widths)))
             if "error" in r:
                 out.append(_clip(f"      WRONG: {r['error']}"))
+            elif "skipped" in r:
+                out.append(_clip(f"      skipped: {r['skipped']}"))
             elif "note" in r:
                 out.append(_clip(f"      ! {r['note']}"))
+            if _other_peers(r):
+                out.append(_clip("      " + ", ".join(f"{_ratio_cell(x, 1, 'x')} vs {name}"
+                                                      for name, x in _other_peers(r))))
     return "\n".join(out)
 
 

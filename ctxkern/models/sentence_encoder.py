@@ -292,16 +292,20 @@ class SentenceEncoder(torch.nn.Module):
         return list(self.bert.forward_packed(flat, cu_seqlens, max(lengths)).split(lengths))   # (T, H) -> [(S_i, H)]
 
     def _encode_batch(self, ids: list[list[int]]) -> Tensor:
-        device = self.device
-        lengths = torch.tensor([len(t) for t in ids], dtype=torch.int32)
         if self.bert.padding_free is False:
-            return self._encode_padded(ids, lengths)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
-        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=device)
-        hidden = self.bert.forward_packed(flat, cu_seqlens, int(lengths.max()))            # (T, H)
+            return self._encode_padded(ids, torch.tensor([len(t) for t in ids], dtype=torch.int32))
+        flat, cu_seqlens, max_seqlen = self._pack(ids)
+        hidden = self.bert.forward_packed(flat, cu_seqlens, max_seqlen)                   # (T, H)
         if self.pooling == "cls":
             return self._finish(hidden[cu_seqlens[:-1].long()])
         return ops.masked_mean_pool_varlen(hidden, cu_seqlens, normalize=self.normalize, backend=self.bert.backend)
+
+    def _pack(self, ids: list[list[int]]) -> tuple[Tensor, Tensor, int]:
+        """A batch's token ids packed: (T,) ids, cu_seqlens (B + 1,) int32, the longest length."""
+        lengths = torch.tensor([len(t) for t in ids], dtype=torch.int32)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(self.device)
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
+        return flat, cu_seqlens, int(lengths.max())
 
     def _encode_padded(self, ids: list[list[int]], lengths: Tensor) -> Tensor:
         device = self.device
