@@ -72,6 +72,15 @@ def inputs(dtype, module, packed, seed=0):
             for s in (shape, h_shape, c_shape)]
 
 
+def assert_all_close(got, want):
+    """float64 results (the float64 operators) to 1e-10 of torch's; float32 ones at fp32 tolerances."""
+    for a, b in zip(got, want, strict=True):
+        if a.dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+        else:
+            assert_fp32_close(a, b)
+
+
 def uses_layer_operators(module, *args) -> bool:
     with torch.profiler.profile() as prof:
         run(module, *args)
@@ -89,8 +98,7 @@ def test_float64_gradients_equal_torch_lstm(config, packed):
     assert uses_layer_operators(ours, x, h0, c0, packed)
     got_out, got = run(ours, x, h0, c0, packed)
     want_out, want = run(theirs, x, h0, c0, packed)
-    for a, b in zip((*got_out, *got), (*want_out, *want), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    assert_all_close((*got_out, *got), (*want_out, *want))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -101,8 +109,7 @@ def test_float32_gradients_match_float64_torch_lstm(config, packed):
     x, h0, c0 = inputs(torch.float32, ours, packed)
     got_out, got = run(ours, x, h0, c0, packed)
     want_out, want = run(theirs, *(t.detach().double().requires_grad_() for t in (x, h0, c0)), packed)
-    for a, b in zip((*got_out, *got), (*want_out, *want), strict=True):
-        assert_fp32_close(a, b)
+    assert_all_close((*got_out, *got), (*want_out, *want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -132,11 +139,7 @@ def test_reverse_gradients_equal_torch_reverse_direction(dtype):
     want_out = (pad_packed_sequence(out)[0][..., PROJ:], h_n[1:], c_n[1:])
     reverse_params = [p for name, p in theirs.named_parameters() if name.endswith("_reverse")]
     want = torch.autograd.grad(loss_of(want_out), [*reverse_params, x64, h64, c64])
-    for a, b in zip((*got_out, *got), (*want_out, *want), strict=True):
-        if dtype == torch.float64:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
-        else:
-            assert_fp32_close(a, b)
+    assert_all_close((*got_out, *got), (*want_out, *want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -155,11 +158,7 @@ def test_clipped_gradients_follow_allennlp(dtype):
     want_out = allennlp_reference(ours, leaves[0], LENGTHS, 0.3, 0.2, params, leaves[1], leaves[2])
     want = torch.autograd.grad(loss_of(want_out), [*(params[n] for n, _ in ours.named_parameters()), *leaves])
     assert (got_out[2].abs() == 0.3).any() and (got_out[0].abs() == 0.2).any(), "the clips should bite"
-    for a, b in zip((*got_out, *got), (*want_out, *want), strict=True):
-        if dtype == torch.float64:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
-        else:
-            assert_fp32_close(a, b)
+    assert_all_close((*got_out, *got), (*want_out, *want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -211,8 +210,7 @@ def test_dropout_between_layers_matches_torch_layers_with_the_same_mask():
     out, (h_b, c_b) = layers[1](mid * mask, (h64[2:], c64[2:]))
     want_out = (out, torch.cat((h_a, h_b)), torch.cat((c_a, c_b)))
     want = torch.autograd.grad(loss_of(want_out), [*layers[0].parameters(), *layers[1].parameters(), x64, h64, c64])
-    for a, b in zip((*got_out, *got), (*want_out, *want), strict=True):
-        assert_fp32_close(a, b)
+    assert_all_close((*got_out, *got), (*want_out, *want))
 
 
 def test_backward_is_deterministic():
@@ -232,8 +230,7 @@ def test_unused_outputs_and_inputs_without_grad():
     _, (want_h, _) = theirs(x)
     got = torch.autograd.grad(h_n.sum(), list(ours.parameters()))
     want = torch.autograd.grad(want_h.sum(), list(theirs.parameters()))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    assert_all_close(got, want)
 
 
 # ----------------------------------------------------------------------------- the operators
