@@ -85,6 +85,28 @@ TORCH_LIBRARY(ctxkern, m) {
   //   -> out (N, P), h_n (B, P), c_n (B, H): each sequence's state after its own last step.
   m.def("lstm_layer_fwd(Tensor gates_in, int[] batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,"
         " Tensor? bias, float? cell_clip, float? proj_clip, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // The same layer for training: lstm_layer_fwd's outputs plus what lstm_layer_bwd needs. The time loop is
+  // csrc/lstm_layer_loop.h, shared by the CPU and CUDA kernels. float64 also runs (the gradient tests).
+  //   -> out (N, P), h_n (B, P), c_n (B, H) as lstm_layer_fwd; then, for row r of step t:
+  //      gates (N, 4H): the pre-activations gates_in + bias + h_prev W_hh^T the cell read;
+  //      c_prev (N, H), h_prev (N, P): the state the step started from (the backward's dW_hh is one product
+  //      gates'^T h_prev over all N rows); proj_raw (N, P): the projection before proj_clip (its gradient
+  //      passes where |proj_raw| <= proj_clip, as torch.clamp's), or (0, P) when proj_clip is None.
+  //      The activations are not saved: the backward recomputes them from gates and c_prev in one pass.
+  m.def("lstm_layer_fwd_train(Tensor gates_in, int[] batch_sizes, Tensor h0, Tensor c0, Tensor w_hh,"
+        " Tensor? w_hr, Tensor? bias, float? cell_clip, float? proj_clip, bool reverse)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward through time of lstm_layer_fwd_train: per step only the recurrent products and the cell's
+  // backward; dW_hh, dW_hr and dbias are one product / one reduction each over all N rows at the end
+  // (deterministic: no atomics, a fixed order).
+  //   dout (N, P), dh_n (B, P), dc_n (B, H): the gradients of out, h_n, c_n (zeros for an unused output);
+  //   gates, c_prev, h_prev, proj_raw: as lstm_layer_fwd_train returned them; batch_sizes, w_hh, w_hr, the
+  //   clips and reverse: as given to it; has_bias: whether it had a bias.
+  //   -> dgates_in (N, 4H) (also the gradient of the gates' bias, row by row), dh0 (B, P), dc0 (B, H),
+  //      dw_hh (4H, P), dw_hr (P, H) or (0,) without w_hr, dbias (4H,) or (0,) without bias; all contiguous.
+  m.def("lstm_layer_bwd(Tensor dout, Tensor dh_n, Tensor dc_n, Tensor gates, Tensor c_prev, Tensor h_prev,"
+        " Tensor proj_raw, int[] batch_sizes, Tensor w_hh, Tensor? w_hr, bool has_bias, float? cell_clip,"
+        " float? proj_clip, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,6 +1,7 @@
 """Drop-in modules: same constructors, parameters and state_dict as their torch.nn counterparts."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -112,9 +113,12 @@ class MaskedMeanPool(torch.nn.Module):
 # sorted by decreasing length. So the reverse direction, walking t from the end, picks up each sequence at its
 # own last token (its rows keep h0/c0 until then), and the forward direction leaves each sequence's state at
 # its own last step, which is h_n/c_n.
-# Autograd flows through the Python time loop. When nothing needs a gradient and the cpu backend serves, the
-# loop runs instead inside the operator torch.ops.ctxkern.lstm_layer_fwd (the same steps in C++, into
-# preallocated buffers), because on a CPU the per-step Python overhead costs as much as a small step.
+# Where the layer operators have a kernel (cpu; cuda once registered), the time loop runs inside them (the same
+# steps in C++, csrc/lstm_layer_loop.h, into preallocated buffers): torch.ops.ctxkern.lstm_layer_fwd when nothing
+# needs a gradient, and lstm_layer_fwd_train + lstm_layer_bwd (the whole backward through time) through one
+# autograd.Function per layer and direction otherwise. The input projection stays a torch.mm outside, so autograd
+# gives dx and dW_ih. Elsewhere (triton, forward-mode AD, torch.func, double backward) autograd flows through a
+# Python loop over ops.lstm_cell.
 
 def _check_clip(value: Optional[float], name: str) -> Optional[float]:
     if value is not None and not (isinstance(value, (int, float)) and value >= 0):
@@ -253,15 +257,19 @@ class LSTM(torch.nn.LSTM):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
-    def _recurrence_in_cpp(self, *tensors: Optional[Tensor]) -> bool:
-        """Whether the time loop can run as the CPU operator lstm_layer_fwd: it has no autograd, so only when
-        nothing needs a gradient; it saves the Python overhead of each step, which on a CPU rivals the step."""
-        if _dispatch.resolve(self.backend, tensors[0].device) != "cpu":
-            return False
-        if _autograd_modes.reference_needed(tensors[0].dtype):
-            # float64, forward-mode AD or a torch.func transform: the cell's reference serves, step by step.
-            return False
-        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    def _layer_path(self, *tensors: Optional[Tensor]) -> Optional[str]:
+        """How a layer's time loop runs: "infer" (the operator lstm_layer_fwd, nothing needs a gradient),
+        "train" (lstm_layer_fwd_train and lstm_layer_bwd through _LayerFunction) or None (the Python step loop
+        over ops.lstm_cell: the triton and torch backends, a device without the operators, forward-mode AD and
+        torch.func transforms). On a CPU a Python step costs as much as a small step's arithmetic."""
+        x = tensors[0]
+        name = _dispatch.resolve(self.backend, x.device)
+        if not _layer_ops_available(name) or (x.dtype == torch.float64 and name != "cpu"):
+            return None
+        if _autograd_modes.transform_active():
+            return None
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return "train" if needs_grad else "infer"
 
     def _run_direction(self, x: Tensor, batch_sizes: list[int], offsets: list[int], h: Tensor, c: Tensor,
                        layer: int, direction: int):
@@ -273,13 +281,43 @@ class LSTM(torch.nn.LSTM):
         bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix) if self.bias else None
 
         gates_in = torch.mm(x, w_ih.t())  # (N, 4H): the input projection of every step at once
-        if self._recurrence_in_cpp(x, h, c, w_ih, w_hh, w_hr, bias):
+        path = self._layer_path(x, h, c, w_ih, w_hh, w_hr, bias)
+        if path == "infer":
             return torch.ops.ctxkern.lstm_layer_fwd(gates_in, batch_sizes, h, c, w_hh, w_hr, bias, self.cell_clip,
                                                     self.proj_clip, backwards)
+        loop = _StepLoop(batch_sizes, offsets, self.cell_clip, self.proj_clip, backwards, self.backend)
+        if path == "train":
+            return _LayerFunction.apply(gates_in, h, c, w_hh, w_hr, bias, loop)
+        return loop(gates_in, h, c, w_hh, w_hr, bias)
+
+
+@functools.cache
+def _layer_ops_available(backend: str) -> bool:
+    """Whether the layer operators have a kernel for the backend's device (cpu: csrc/cpu/lstm_layer.cpp)."""
+    if backend not in ("cpu", "cuda") or not _dispatch.HAS_EXTENSION:
+        return False
+    key = "CPU" if backend == "cpu" else "CUDA"
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ctxkern::{op}", key)
+               for op in ("lstm_layer_fwd", "lstm_layer_fwd_train", "lstm_layer_bwd"))
+
+
+class _StepLoop:
+    """One layer and direction as a Python loop over ops.lstm_cell, differentiable in every autograd mode:
+    (gates_in (N, 4H), h0 (B, P), c0 (B, H), w_hh, w_hr, bias) -> (out (N, P), h_n, c_n). It also serves
+    _LayerFunction's double backward."""
+
+    def __init__(self, batch_sizes: list[int], offsets: list[int], cell_clip: Optional[float],
+                 proj_clip: Optional[float], backwards: bool, backend: str) -> None:
+        self.batch_sizes, self.offsets, self.backwards, self.backend = batch_sizes, offsets, backwards, backend
+        self.cell_clip, self.proj_clip = cell_clip, proj_clip
+
+    def __call__(self, gates_in: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+                 bias: Optional[Tensor]):
         w_hh_t = w_hh.t()
         w_hr_t = None if w_hr is None else w_hr.t()
+        batch_sizes, offsets = self.batch_sizes, self.offsets
         outs: list[Optional[Tensor]] = [None] * len(batch_sizes)
-        steps = range(len(batch_sizes) - 1, -1, -1) if backwards else range(len(batch_sizes))
+        steps = range(len(batch_sizes) - 1, -1, -1) if self.backwards else range(len(batch_sizes))
         for t in steps:
             n, start = batch_sizes[t], offsets[t]
             h_cell, c_new = lstm_cell(gates_in[start:start + n], torch.mm(h[:n], w_hh_t), c[:n], bias,
@@ -293,5 +331,32 @@ class LSTM(torch.nn.LSTM):
                 h, c = torch.cat((h_new, h[n:])), torch.cat((c_new, c[n:]))
             else:
                 h, c = h_new, c_new
-        out = torch.cat(outs) if outs else x.new_empty((0, w_hr.shape[0] if w_hr is not None else self.hidden_size))
+        out = torch.cat(outs) if outs else gates_in.new_empty((0, h.shape[1]))
         return out, h, c
+
+
+class _LayerFunction(torch.autograd.Function):
+    """One layer and direction on the compiled operators: lstm_layer_fwd_train saves each step's pre-activations
+    and starting state, lstm_layer_bwd runs the whole backward through time. A backward that builds a graph
+    (create_graph=True) runs the step loop's instead, through autograd, from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, gates_in, h0, c0, w_hh, w_hr, bias, loop: _StepLoop):
+        out, h_n, c_n, gates, c_prev, h_prev, proj_raw = torch.ops.ctxkern.lstm_layer_fwd_train(
+            gates_in, loop.batch_sizes, h0, c0, w_hh, w_hr, bias, loop.cell_clip, loop.proj_clip, loop.backwards)
+        ctx.save_for_backward(gates_in, h0, c0, w_hh, w_hr, bias, gates, c_prev, h_prev, proj_raw)
+        ctx.loop = loop
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        gates_in, h0, c0, w_hh, w_hr, bias, gates, c_prev, h_prev, proj_raw = ctx.saved_tensors
+        loop = ctx.loop
+        if torch.is_grad_enabled():
+            # create_graph=True: the operator's backward is not differentiable, the step loop is.
+            grads = _autograd_modes.reference_vjp(loop, (gates_in, h0, c0, w_hh, w_hr, bias), (dout, dh_n, dc_n))
+            return (*grads, None)
+        dgates, dh0, dc0, dw_hh, dw_hr, dbias = torch.ops.ctxkern.lstm_layer_bwd(
+            dout, dh_n, dc_n, gates, c_prev, h_prev, proj_raw, loop.batch_sizes, w_hh, w_hr, bias is not None,
+            loop.cell_clip, loop.proj_clip, loop.backwards)
+        return dgates, dh0, dc0, dw_hh, dw_hr if w_hr is not None else None, dbias if bias is not None else None, None

@@ -1,6 +1,6 @@
 """ops.lstm_cell on every backend against the float64 reference: values, gradients, clipping, operators; and
 ctxkern.nn.LSTM against torch.nn.LSTM with the same weights (computed in float64), its clipping against
-AllenNLP's equations written out below as a plain float64 loop."""
+AllenNLP's equations written out as a plain float64 loop (allennlp_lstm.py)."""
 import itertools
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ctxkern
+from allennlp_lstm import allennlp_reference
 from helpers import BACKEND_DEVICES, KERNEL_DEVICES, assert_close_for_dtype, assert_fp32_close, require_backend
 from ctxkern import ops
 from ctxkern.reference import lstm_cell_ref
@@ -408,39 +409,6 @@ def test_dropout_between_layers_in_training_only():
 
 
 # ----------------------------------------------------------------------------- clipping (AllenNLP's equations)
-
-def allennlp_reference(lstm, x, lengths, cell_clip, proj_clip):
-    """A plain float64 loop, one sequence at a time: per layer and direction, the memory cell is clamped to
-    +-cell_clip before its tanh and the projected state to +-proj_clip (AllenNLP's LSTM with projection,
-    with torch's gate order and parameter names). x: (T, B, I) padded. -> outputs (T, B, D * P), h_n, c_n."""
-    params = {k: v.detach().double() for k, v in lstm.state_dict().items()}
-    ndir = 2 if lstm.bidirectional else 1
-    outputs = torch.zeros(x.shape[0], x.shape[1], ndir * lstm.proj_size, dtype=torch.float64)
-    h_n = torch.zeros(lstm.num_layers * ndir, x.shape[1], lstm.proj_size, dtype=torch.float64)
-    c_n = torch.zeros(lstm.num_layers * ndir, x.shape[1], lstm.hidden_size, dtype=torch.float64)
-    for b, length in enumerate(lengths):
-        layer_input = x[:length, b].double()
-        for layer in range(lstm.num_layers):
-            per_direction = []
-            for d in range(ndir):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih, w_hh, w_hr = params["weight_ih" + sfx], params["weight_hh" + sfx], params["weight_hr" + sfx]
-                bias = params["bias_ih" + sfx] + params["bias_hh" + sfx]
-                h = torch.zeros(lstm.proj_size, dtype=torch.float64)
-                c = torch.zeros(lstm.hidden_size, dtype=torch.float64)
-                out = [None] * length
-                for t in (reversed(range(length)) if d else range(length)):
-                    i, f, g, o = (w_ih @ layer_input[t] + w_hh @ h + bias).chunk(4)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    c = c.clamp(-cell_clip, cell_clip)
-                    h = (w_hr @ (torch.sigmoid(o) * torch.tanh(c))).clamp(-proj_clip, proj_clip)
-                    out[t] = h
-                h_n[layer * ndir + d, b], c_n[layer * ndir + d, b] = h, c
-                per_direction.append(torch.stack(out))
-            layer_input = torch.cat(per_direction, dim=1)
-        outputs[:length, b] = layer_input
-    return outputs, h_n, c_n
-
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])

@@ -5,7 +5,8 @@ composition users write (`g = ig + hg + b; i, f, g, o = g.chunk(4, 1); ...`) and
 lstm: ctxkern.nn.LSTM against torch.nn.LSTM ("torch eager": what a PyTorch user runs, its time loop in C++,
 cuDNN on a GPU), a Python loop over the eager cell, and the same loop over a torch.compile'd cell, at ELMo's
 biLSTM (T=50, B=64, input 512, hidden 4096, proj 512; shorter on a CPU, where one such run takes seconds) and
-at the CPU target configuration (2 layers, bidirectional, hidden 512, proj 128, T=40, B=16), in inference
+at the CPU target configuration (2 layers, bidirectional, hidden 512, proj 128, T=40, B=16), and at three
+shapes without a projection (NO_PROJ_SHAPES), where torch runs oneDNN's fused LSTM on a CPU, in inference
 (no_grad) and training (forward + backward).
 """
 from __future__ import annotations
@@ -127,7 +128,8 @@ def _layer_case(config: dict, steps: int, batch: int, device: str, with_compile:
             return out[0] if isinstance(out, tuple) else out
         return run
 
-    dy = torch.randn(steps, batch, 2 * (config.get("proj_size") or config["hidden_size"]), device=device)
+    ndir = 2 if config.get("bidirectional") else 1
+    dy = torch.randn(steps, batch, ndir * (config.get("proj_size") or config["hidden_size"]), device=device)
 
     def forward_backward(model, params):
         x_leaf = x.clone().requires_grad_()
@@ -165,12 +167,13 @@ def _layer_case(config: dict, steps: int, batch: int, device: str, with_compile:
     # the projection (a backward costs about twice the forward).
     flops = 0
     for layer in range(layers):
-        layer_in = i if layer == 0 else 2 * p
-        flops += 2 * (2 * steps * batch * 4 * h * (layer_in + p) + (2 * steps * batch * h * p if p != h else 0))
+        layer_in = i if layer == 0 else ndir * p
+        flops += ndir * (2 * steps * batch * 4 * h * (layer_in + p) + (2 * steps * batch * h * p if p != h else 0))
     name = ctxkern_backends(device)[0] if ctxkern_backends(device) else "torch"
     candidates = [Candidate(label, run, baseline=label != "ctxkern") for label, run in runs.items()]
     candidates[-1].backend = f"ctxkern.{name}"
-    return Case(op="lstm_train" if train else "lstm", shape=f"T{steps}xB{batch}xI{i}xH{h}xP{p}xL{layers}xbi",
+    shape = f"T{steps}xB{batch}xI{i}xH{h}" + (f"xP{p}" if p != h else "") + f"xL{layers}" + ("xbi" if ndir == 2 else "")
+    return Case(op="lstm_train" if train else "lstm", shape=shape,
                 dtype=torch.float32, bytes_moved=4 * (x.numel() + sum(t.numel() for t in theirs.parameters())),
                 flops=(3 if train else 1) * flops, reference=reference, candidates=candidates)
 
@@ -183,6 +186,17 @@ def layer_cases(device: str, quick: bool, with_compile: bool) -> list[Case]:
         return [_layer_case(small, 10, 4, device, with_compile, train=False)]
     # On a CPU one ELMo-shaped step of 64 sequences is ~0.1 s: 8 steps of 8 keep the whole run within minutes.
     elmo_steps, elmo_batch = (50, 64) if device == "cuda" else (8, 8)
-    return [_layer_case(elmo, elmo_steps, elmo_batch, device, with_compile, train=False),
-            _layer_case(target, 40, 16, device, with_compile, train=False),
-            _layer_case(target, 40, 16, device, with_compile, train=True)]
+    cases = [_layer_case(elmo, elmo_steps, elmo_batch, device, with_compile, train=False),
+             _layer_case(target, 40, 16, device, with_compile, train=False),
+             _layer_case(target, 40, 16, device, with_compile, train=True)]
+    # Without a projection, where torch.nn.LSTM runs oneDNN's fused LSTM on a CPU: (config, T, B).
+    for config, steps, batch in NO_PROJ_SHAPES:
+        cases += [_layer_case(config, steps, batch, device, with_compile, train=train) for train in (False, True)]
+    return cases
+
+
+NO_PROJ_SHAPES = [
+    (dict(input_size=128, hidden_size=512, num_layers=1, bidirectional=False), 100, 16),
+    (dict(input_size=300, hidden_size=256, num_layers=2, bidirectional=True), 50, 32),
+    (dict(input_size=64, hidden_size=128, num_layers=1, bidirectional=False), 20, 1),
+]

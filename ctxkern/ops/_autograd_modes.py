@@ -30,8 +30,11 @@ _FLOAT64 = torch.float64
 
 def reference_needed(dtype: torch.dtype) -> bool:
     """Whether an op must run its reference rather than its kernel operator (about 0.3 us)."""
-    if dtype is _FLOAT64:
-        return True
+    return dtype is _FLOAT64 or transform_active()
+
+
+def transform_active() -> bool:
+    """Whether a forward-AD dual level or a torch.func transform is active, outside Dynamo's tracing."""
     # Any dual level, or any torch.func transform, even one whose inputs do not reach this op: the reference
     # is then right, only slower, where the operator would be wrong or fail. While Dynamo traces, the
     # operator stays (is_compiling is the costlier test, so it comes last).

@@ -78,6 +78,23 @@ if _dispatch.HAS_EXTENSION:
     def _lstm_layer_fwd_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse):
         return gates_in.new_empty((gates_in.shape[0], h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
+    @torch.library.register_fake("ctxkern::lstm_layer_fwd_train")
+    def _lstm_layer_fwd_train_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse):
+        rows, p = gates_in.shape[0], h0.shape[1]
+        out, h_n, c_n = _lstm_layer_fwd_fake(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip,
+                                             reverse)
+        # gates (N, 4H), c_prev (N, H), h_prev (N, P), proj_raw (N or 0, P)
+        return (out, h_n, c_n, gates_in.new_empty(gates_in.shape), c0.new_empty((rows, c0.shape[1])),
+                h0.new_empty((rows, p)), h0.new_empty((rows if proj_clip is not None else 0, p)))
+
+    @torch.library.register_fake("ctxkern::lstm_layer_bwd")
+    def _lstm_layer_bwd_fake(dout, dh_n, dc_n, gates, c_prev, h_prev, proj_raw, batch_sizes, w_hh, w_hr, has_bias,
+                             cell_clip, proj_clip, reverse):
+        width = gates.shape[1]
+        return (gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape), dc_n.new_empty(dc_n.shape),
+                w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hr.shape if w_hr is not None else (0,)),
+                gates.new_empty((width if has_bias else 0,)))
+
 
 def _check(input_gates, hidden_gates, c, bias, cell_clip) -> None:
     check_tensor(input_gates, "input_gates")
