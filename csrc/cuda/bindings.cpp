@@ -492,6 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cuda(
 // the bias is already in the gates), the state updated in place.
 
 struct CudaCell {
+  using Product = ctxkern::AtenProduct;  // cuBLAS through ATen: nothing to prepare
+
   static void forward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip) {
     const int64_t n = c.size(0), H = c.size(1);
     check_cuda(ctxkern::cuda::lstm_cell_fwd_launch(storage_dtype(c), gates.data_ptr(), row_stride(gates), nullptr, 0,
