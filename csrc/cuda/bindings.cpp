@@ -22,6 +22,7 @@
 #include "../checks.h"
 #include "../layer_norm_checks.h"
 #include "../lstm_cell_checks.h"
+#include "../lstm_layer_loop.h"
 #include "../masked_mean_pool_checks.h"
 #include "attention.h"
 #include "layer_norm.h"
@@ -478,11 +479,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cuda(
   check_cuda(ctxkern::cuda::lstm_cell_bwd_launch(
                  storage_dtype(c), dh.data_ptr(), row_stride(dh), dc_new.data_ptr(), row_stride(dc_new),
                  input_gates.data_ptr(), row_stride(input_gates), hidden_gates.data_ptr(), row_stride(hidden_gates),
-                 c.data_ptr(), row_stride(c), data_or_null(bias), dgates.data_ptr(), dc.data_ptr(),
+                 c.data_ptr(), row_stride(c), data_or_null(bias), dgates.data_ptr(), dc.data_ptr(), nullptr,
                  bias ? dbias.data_ptr() : nullptr, bias ? workspace->data_ptr<float>() : nullptr, B, H,
                  ctxkern::clip_bound(cell_clip), c10::cuda::getCurrentCUDAStream()),
              "lstm_cell_bwd kernel launch");
   return {dgates, dc, dbias};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// lstm_layer: the time loop is csrc/lstm_layer_loop.h's (its products are ATen calls, cuBLAS here); this is
+// its cell policy, the lstm_cell kernels run on one step's pre-activation rows (no hidden_gates, no bias:
+// the bias is already in the gates), the state updated in place.
+
+struct CudaCell {
+  using Product = ctxkern::AtenProduct;  // cuBLAS through ATen: nothing to prepare
+
+  static void forward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip) {
+    const int64_t n = c.size(0), H = c.size(1);
+    check_cuda(ctxkern::cuda::lstm_cell_fwd_launch(storage_dtype(c), gates.data_ptr(), row_stride(gates), nullptr, 0,
+                                                   c.data_ptr(), row_stride(c), nullptr, h.data_ptr(), c.data_ptr(),
+                                                   n, H, static_cast<float>(clip),
+                                                   c10::cuda::getCurrentCUDAStream()),
+               "lstm_layer cell forward kernel launch");
+  }
+
+  static void backward(const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& dh, const at::Tensor& dc,
+                       const at::Tensor& dgates, const at::Tensor& h, double clip) {
+    const int64_t n = dc.size(0), H = dc.size(1);
+    check_cuda(ctxkern::cuda::lstm_cell_bwd_launch(
+                   storage_dtype(dc), dh.data_ptr(), row_stride(dh), dc.data_ptr(), row_stride(dc), gates.data_ptr(),
+                   row_stride(gates), nullptr, 0, c_prev.data_ptr(), row_stride(c_prev), nullptr, dgates.data_ptr(),
+                   dc.data_ptr(), h.defined() ? h.data_ptr() : nullptr, nullptr, nullptr, n, H,
+                   static_cast<float>(clip), c10::cuda::getCurrentCUDAStream()),
+               "lstm_layer cell backward kernel launch");
+  }
+};
+
+// The CUDA kernels store fp32, fp16 and bf16 only; the loop's own checks accept float64 for the CPU's cell.
+void check_lstm_layer_cuda_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, name,
+              " must be float32, float16 or bfloat16 on CUDA (float64 runs on the CPU), got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
+    const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
+    std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse) {
+  check_lstm_layer_cuda_dtype(gates_in, "gates_in");
+  const c10::cuda::CUDAGuard guard(gates_in.device());
+  ctxkern::LstmLayerForward r = ctxkern::lstm_layer_forward<CudaCell>(
+      gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse, /*train=*/false, at::kCUDA);
+  return {r.out, r.h_n, r.c_n};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_fwd_train_cuda(const at::Tensor& gates_in, at::IntArrayRef batch_sizes, const at::Tensor& h0,
+                          const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                          const std::optional<at::Tensor>& bias, std::optional<double> cell_clip,
+                          std::optional<double> proj_clip, bool reverse) {
+  check_lstm_layer_cuda_dtype(gates_in, "gates_in");
+  const c10::cuda::CUDAGuard guard(gates_in.device());
+  ctxkern::LstmLayerForward r = ctxkern::lstm_layer_forward<CudaCell>(
+      gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse, /*train=*/true, at::kCUDA);
+  return {r.out, r.h_n, r.c_n, r.gates, r.c_prev, r.h_prev, r.proj_raw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& gates,
+    const at::Tensor& c_prev, const at::Tensor& h_prev, const at::Tensor& proj_raw, at::IntArrayRef batch_sizes,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool has_bias, std::optional<double> cell_clip,
+    std::optional<double> proj_clip, bool reverse) {
+  check_lstm_layer_cuda_dtype(gates, "gates");
+  const c10::cuda::CUDAGuard guard(gates.device());
+  return ctxkern::lstm_layer_backward<CudaCell>(dout, dh_n, dc_n, gates, c_prev, h_prev, proj_raw, batch_sizes, w_hh,
+                                                w_hr, has_bias, cell_clip, proj_clip, reverse, at::kCUDA);
 }
 
 }  // namespace
@@ -500,4 +570,7 @@ TORCH_LIBRARY_IMPL(ctxkern, CUDA, m) {
   m.impl("attention_varlen_bwd", TORCH_FN(attention_varlen_bwd_cuda));
   m.impl("lstm_cell_fwd", TORCH_FN(lstm_cell_fwd_cuda));
   m.impl("lstm_cell_bwd", TORCH_FN(lstm_cell_bwd_cuda));
+  m.impl("lstm_layer_fwd", TORCH_FN(lstm_layer_fwd_cuda));
+  m.impl("lstm_layer_fwd_train", TORCH_FN(lstm_layer_fwd_train_cuda));
+  m.impl("lstm_layer_bwd", TORCH_FN(lstm_layer_bwd_cuda));
 }

@@ -9,6 +9,9 @@
 // (nothing was saved), writes dgates and dc, and keeps the dbias column sums of its rows in registers; they go
 // to one fp32 workspace row per chunk, which a second kernel sums over chunks in a fixed order: deterministic,
 // no atomics. Both kernels use grid-stride loops, so any B * H fits the grid.
+// The layer operators (csrc/lstm_layer_loop.h) call the same kernels on pre-activations: hidden_gates and bias
+// null, the cell state updated in place (c_new == c, dc == dc_new: each thread reads its units before writing
+// them, so those pointer pairs are not __restrict__), and the backward writing the forward's h again.
 #include "lstm_cell.h"
 
 #include "common.cuh"
@@ -41,18 +44,23 @@ __device__ __forceinline__ Activations activate(float pre_i, float pre_f, float 
 }
 
 // Pre-activations of the four gates for the VEC units from column j of one row: pre[k][v] for gate k.
+// hg_row and bias may be null (no term).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_pre(const T* __restrict__ ig_row,  // (4H,)
-                                         const T* __restrict__ hg_row,  // (4H,)
+                                         const T* __restrict__ hg_row,  // (4H,) or nullptr
                                          const T* __restrict__ bias,    // (4H,) or nullptr
                                          int64_t H, int64_t j, float (&pre)[4][VEC]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     float a[VEC], b[VEC];
     load_float<T, VEC>(ig_row + k * H + j, a);
-    load_float<T, VEC>(hg_row + k * H + j, b);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) pre[k][v] = a[v] + b[v];
+    for (int v = 0; v < VEC; ++v) pre[k][v] = a[v];
+    if (hg_row != nullptr) {
+      load_float<T, VEC>(hg_row + k * H + j, b);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) pre[k][v] += b[v];
+    }
     if (bias != nullptr) {
       load_float<T, VEC>(bias + k * H + j, a);
 #pragma unroll
@@ -67,11 +75,11 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t ig_stride,
                          const T* __restrict__ hg,    // (B, 4H), row stride hg_stride
                          int64_t hg_stride,
-                         const T* __restrict__ c,     // (B, H), row stride c_stride
+                         const T* c,                  // (B, H), row stride c_stride
                          int64_t c_stride,
                          const T* __restrict__ bias,  // (4H,) or nullptr
                          T* __restrict__ h,           // (B, H) contiguous
-                         T* __restrict__ c_new,       // (B, H) contiguous
+                         T* c_new,                    // (B, H) contiguous, may be c itself
                          int64_t B, int64_t H, float clip) {
   const int64_t groups_per_row = H / VEC;
   const int64_t total = B * groups_per_row;
@@ -79,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
        g += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t b = g / groups_per_row, j = (g % groups_per_row) * VEC;
     float pre[4][VEC], cv[VEC], h_out[VEC], c_out[VEC];
-    load_pre<T, VEC>(ig + b * ig_stride, hg + b * hg_stride, bias, H, j, pre);
+    load_pre<T, VEC>(ig + b * ig_stride, hg == nullptr ? nullptr : hg + b * hg_stride, bias, H, j, pre);
     load_float<T, VEC>(c + b * c_stride + j, cv);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
@@ -96,7 +104,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     lstm_cell_bwd_kernel(const T* __restrict__ dh,      // (B, H), row stride dh_stride
                          int64_t dh_stride,
-                         const T* __restrict__ dc_new,  // (B, H), row stride dcn_stride
+                         const T* dc_new,               // (B, H), row stride dcn_stride
                          int64_t dcn_stride,
                          const T* __restrict__ ig,      // (B, 4H), row stride ig_stride
                          int64_t ig_stride,
@@ -106,7 +114,8 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t c_stride,
                          const T* __restrict__ bias,    // (4H,) or nullptr
                          T* __restrict__ dgates,        // (B, 4H) contiguous
-                         T* __restrict__ dc,            // (B, H) contiguous
+                         T* dc,                         // (B, H) contiguous, may be dc_new itself
+                         T* __restrict__ h,             // (B, H) contiguous: the forward's h again, or nullptr
                          float* __restrict__ partial,   // (ceil(B / kBwdRows), 4H), or nullptr without bias
                          int64_t B, int64_t H, float clip) {
   const int64_t groups_per_row = H / VEC;
@@ -118,8 +127,8 @@ __global__ void __launch_bounds__(kThreads)
     float dbias_sum[4][VEC] = {};
     const int64_t row_end = min(B, (chunk + 1) * kBwdRows);
     for (int64_t b = chunk * kBwdRows; b < row_end; ++b) {
-      float pre[4][VEC], cv[VEC], dhv[VEC], dcnv[VEC], dg[4][VEC], dcv[VEC];
-      load_pre<T, VEC>(ig + b * ig_stride, hg + b * hg_stride, bias, H, j, pre);
+      float pre[4][VEC], cv[VEC], dhv[VEC], dcnv[VEC], dg[4][VEC], dcv[VEC], hv[VEC];
+      load_pre<T, VEC>(ig + b * ig_stride, hg == nullptr ? nullptr : hg + b * hg_stride, bias, H, j, pre);
       load_float<T, VEC>(c + b * c_stride + j, cv);
       load_float<T, VEC>(dh + b * dh_stride + j, dhv);
       load_float<T, VEC>(dc_new + b * dcn_stride + j, dcnv);
@@ -134,6 +143,7 @@ __global__ void __launch_bounds__(kThreads)
         dg[2][v] = dc_raw * a.i * (1.f - a.g * a.g);
         dg[3][v] = dhv[v] * a.tanh_c * a.o * (1.f - a.o);
         dcv[v] = dc_raw * a.f;
+        hv[v] = a.o * a.tanh_c;
       }
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -142,6 +152,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < VEC; ++v) dbias_sum[k][v] += dg[k][v];
       }
       store_float<T, VEC>(dc + b * H + j, dcv);
+      if (h != nullptr) store_float<T, VEC>(h + b * H + j, hv);
     }
     if (partial != nullptr) {
 #pragma unroll
@@ -211,9 +222,9 @@ void fwd(const void* ig, int64_t ig_stride, const void* hg, int64_t hg_stride, c
 template <typename T>
 void bwd(const void* dh, int64_t dh_stride, const void* dc_new, int64_t dcn_stride, const void* ig, int64_t ig_stride,
          const void* hg, int64_t hg_stride, const void* c, int64_t c_stride, const void* bias, void* dgates, void* dc,
-         void* dbias, float* workspace, int64_t B, int64_t H, float clip, cudaStream_t stream) {
+         void* h, void* dbias, float* workspace, int64_t B, int64_t H, float clip, cudaStream_t stream) {
   const bool vector = can_vectorize<T>(H, {dh_stride, dcn_stride, ig_stride, hg_stride, c_stride},
-                                       {dh, dc_new, ig, hg, c, bias, dgates, dc});
+                                       {dh, dc_new, ig, hg, c, bias, dgates, dc, h});
   const int64_t chunks = lstm_cell_bwd_workspace_rows(B);
   float* partial = dbias != nullptr ? workspace : nullptr;
   with_vec<T>(vector, [&](auto vec) {
@@ -221,7 +232,8 @@ void bwd(const void* dh, int64_t dh_stride, const void* dc_new, int64_t dcn_stri
     lstm_cell_bwd_kernel<T, VEC><<<grid_for(chunks * H / VEC), kThreads, 0, stream>>>(
         static_cast<const T*>(dh), dh_stride, static_cast<const T*>(dc_new), dcn_stride, static_cast<const T*>(ig),
         ig_stride, static_cast<const T*>(hg), hg_stride, static_cast<const T*>(c), c_stride,
-        static_cast<const T*>(bias), static_cast<T*>(dgates), static_cast<T*>(dc), partial, B, H, clip);
+        static_cast<const T*>(bias), static_cast<T*>(dgates), static_cast<T*>(dc), static_cast<T*>(h), partial, B, H,
+        clip);
   });
   if (partial != nullptr) {
     lstm_cell_dbias_kernel<T><<<grid_for(4 * H), kThreads, 0, stream>>>(partial, static_cast<T*>(dbias), chunks,
@@ -247,12 +259,13 @@ cudaError_t lstm_cell_fwd_launch(DType dtype, const void* input_gates, int64_t i
 cudaError_t lstm_cell_bwd_launch(DType dtype, const void* dh, int64_t dh_stride, const void* dc_new,
                                  int64_t dc_new_stride, const void* input_gates, int64_t ig_stride,
                                  const void* hidden_gates, int64_t hg_stride, const void* c, int64_t c_stride,
-                                 const void* bias, void* dgates, void* dc, void* dbias, float* workspace, int64_t B,
-                                 int64_t H, float clip, cudaStream_t stream) {
+                                 const void* bias, void* dgates, void* dc, void* h, void* dbias, float* workspace,
+                                 int64_t B, int64_t H, float clip, cudaStream_t stream) {
   if (B == 0 || H == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     bwd<typename decltype(tag)::type>(dh, dh_stride, dc_new, dc_new_stride, input_gates, ig_stride, hidden_gates,
-                                      hg_stride, c, c_stride, bias, dgates, dc, dbias, workspace, B, H, clip, stream);
+                                      hg_stride, c, c_stride, bias, dgates, dc, h, dbias, workspace, B, H, clip,
+                                      stream);
     return cudaGetLastError();
   });
 }
