@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -176,36 +177,53 @@ struct ForwardScratch {
         sum(kForwardQueryBlock) {}
 };
 
+// Rows of a tile whose maxima are found before their exponentials: the max reductions of a group, independent
+// of each other, overlap in the core, where one row at a time made each row's exponentials wait for its max
+// (16 rows: 4-8% less forward time at S 128 than one).
+constexpr int64_t kMaxGroup = 16;
+
 // The online softmax's update for one stored (m, n) tile of masked scores (row stride kKeyBlock): each row's
 // running max and sum, its acc rescaled when the max grows, and the scores replaced by P = exp(S - max).
-inline void online_softmax_update(float* scores, int64_t m, int64_t n, int64_t d, ForwardScratch& s) {
-  for (int64_t r = 0; r < m; ++r) {
-    float* row = scores + r * kKeyBlock;
-    // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
-    const float old_max = s.max[r], new_max = std::max(old_max, row_max(row, n));
-    if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
-      bool has_nan = false;
-      for (int64_t j = 0; j < n; ++j) {
-        has_nan |= std::isnan(row[j]);
-        row[j] = std::isnan(row[j]) ? row[j] : 0.f;
+// Row r also issues its share of the prefetches in `ahead`.
+template <size_t N>
+inline void online_softmax_update(float* scores, int64_t m, int64_t n, int64_t d, ForwardScratch& s,
+                                  const std::array<RowPrefetch, N>& ahead) {
+  for (int64_t r0 = 0; r0 < m; r0 += kMaxGroup) {
+    const int64_t group = std::min(kMaxGroup, m - r0);
+    float group_max[kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) group_max[g] = row_max(scores + (r0 + g) * kKeyBlock, n);
+    for (int64_t r = r0; r < r0 + group; ++r) {
+      for (const RowPrefetch& rows : ahead) rows.issue(r, m);
+      float* row = scores + r * kKeyBlock;
+      // std::max drops a NaN second argument, so new_max is never NaN; a NaN score makes the sum NaN below.
+      const float old_max = s.max[r], new_max = std::max(old_max, group_max[r - r0]);
+      if (new_max == kNegInf) {  // no visible key yet, or only NaN scores: p = 0 for -inf, NaN stays NaN
+        bool has_nan = false;
+        for (int64_t j = 0; j < n; ++j) {
+          has_nan |= std::isnan(row[j]);
+          row[j] = std::isnan(row[j]) ? row[j] : 0.f;
+        }
+        if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
       }
-      if (has_nan) s.sum[r] = std::numeric_limits<float>::quiet_NaN();
-      continue;
+      const float row_sum = exp_shifted<true>(row, n, new_max);
+      if (old_max != new_max && old_max != kNegInf) {
+        const float correction = std::exp(old_max - new_max);
+        s.sum[r] *= correction;
+        scale_row(s.acc.data() + r * d, d, correction);
+      }
+      s.sum[r] += row_sum;
+      s.max[r] = new_max;
     }
-    const float row_sum = exp_shifted<true>(row, n, new_max);
-    if (old_max != new_max && old_max != kNegInf) {
-      const float correction = std::exp(old_max - new_max);
-      s.sum[r] *= correction;
-      scale_row(s.acc.data() + r * d, d, correction);
-    }
-    s.sum[r] += row_sum;
-    s.max[r] = new_max;
   }
 }
 
-// Forward of query rows [i0, i0 + m) of one head: out rows and their lse.
+// Forward of query rows [i0, i0 + m) of one head: out rows and their lse. `next` (or null): the head of the
+// task this thread will probably run next, whose query rows [next_i0, next_i0 + m) and first key chunk are
+// prefetched during the last chunk's softmax (each earlier chunk's softmax prefetches the following chunk).
 template <typename T>
-void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, ForwardScratch& s) {
+void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, ForwardScratch& s,
+                   const Head<T>* next, int64_t next_i0) {
   const int64_t d = p.d, offset = hd.sk - hd.sq;  // causal: row i sees keys j <= i + offset
   // Keys from key_end on are hidden from every row of the block.
   const int64_t key_end = p.causal ? std::clamp<int64_t>(i0 + m + offset, 0, hd.sk) : hd.sk;
@@ -226,19 +244,33 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
     product_bt(p, m, n, p.scale, q, transposed_operand(p, k, n, s.kt.data()), scores, kKeyBlock);
     mask_tile(scores, m, n, ch.padded ? hd.key_bias + ch.lo : nullptr, p.causal && ch.hi - 1 > i0 + offset, i0,
               ch.lo, offset);
-    online_softmax_update(scores, m, n, d, s);
+    std::array<RowPrefetch, 4> ahead{};  // the next chunk's K and V, or the next task's Q, K, V and our out rows
+    const bool last = c + 1 == hd.n_chunks || hd.chunks[c + 1].lo >= key_end;
+    const Head<T>* upcoming = last ? next : &hd;
+    const KeyChunk* upcoming_chunk = last ? (next && next->n_chunks > 0 ? next->chunks : nullptr) : &hd.chunks[c + 1];
+    if (upcoming_chunk) {
+      const int64_t rows = upcoming_chunk->hi - upcoming_chunk->lo;
+      ahead[0] = RowPrefetch::of(upcoming->k + upcoming_chunk->lo * upcoming->k_ld, upcoming->k_ld, rows, d);
+      ahead[1] = RowPrefetch::of(upcoming->v + upcoming_chunk->lo * upcoming->v_ld, upcoming->v_ld, rows, d);
+    }
+    if (last) {
+      if (next && next_i0 < next->sq) {
+        ahead[2] = RowPrefetch::of(next->q + next_i0 * next->q_ld, next->q_ld, std::min(m, next->sq - next_i0), d);
+      }
+      ahead[3] = RowPrefetch::of(hd.out + i0 * hd.out_ld, hd.out_ld, m, d, /*write=*/true);
+    }
+    online_softmax_update(scores, m, n, d, s, ahead);
     product(p, false, m, d, n, 1.f, scores, kKeyBlock, v.data, v.ld, c == 0 ? 0.f : 1.f, s.acc.data(), d);
   }
 
+  // sum is 0 exactly when the row saw no key (the max score adds exp(0) = 1), and NaN if a score was NaN.
+  finish_rows(s.max.data(), s.sum.data(), m, hd.lse + i0);  // sum becomes 1 / sum
   for (int64_t r = 0; r < m; ++r) {
     T* out_row = hd.out + (i0 + r) * hd.out_ld;
-    // sum is 0 exactly when the row saw no key (the max score adds exp(0) = 1), and NaN if a score was NaN.
-    if (s.sum[r] != 0.f) {
-      store_scaled(s.acc.data() + r * d, 1.f / s.sum[r], out_row, d);
-      hd.lse[i0 + r] = s.max[r] + std::log(s.sum[r]);
+    if (hd.lse[i0 + r] != kInf) {
+      store_scaled(s.acc.data() + r * d, s.sum[r], out_row, d);
     } else {  // the row may see no key
       std::fill(out_row, out_row + d, T(0));
-      hd.lse[i0 + r] = kInf;
     }
   }
 }
@@ -261,12 +293,19 @@ void parallel_tasks(int64_t n_tasks, MakeScratch make_scratch, Task task) {
 template <typename T, typename HeadAt>
 void forward(int64_t batch, int64_t heads, int64_t max_sq, const Params& p, HeadAt head_at) {
   const int64_t q_blocks = (max_sq + kForwardQueryBlock - 1) / kForwardQueryBlock;
+  const int64_t n_tasks = batch * heads * q_blocks;
+  // Threads claim tasks in turn, so a thread's next task is most often `workers` further on.
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
   parallel_tasks(
-      batch * heads * q_blocks, [&] { return ForwardScratch(p.d); },
+      n_tasks, [&] { return ForwardScratch(p.d); },
       [&](int64_t t, ForwardScratch& s) {
         const int64_t bh = t / q_blocks, i0 = (t % q_blocks) * kForwardQueryBlock;
         const Head<T> hd = head_at(bh / heads, bh % heads);
-        if (i0 < hd.sq) forward_block(hd, i0, std::min(kForwardQueryBlock, hd.sq - i0), p, s);
+        if (i0 >= hd.sq) return;
+        const int64_t t_next = t + workers, bh_next = t_next / q_blocks;
+        const Head<T> next = t_next < n_tasks ? head_at(bh_next / heads, bh_next % heads) : Head<T>{};
+        forward_block(hd, i0, std::min(kForwardQueryBlock, hd.sq - i0), p, s, t_next < n_tasks ? &next : nullptr,
+                      (t_next % q_blocks) * kForwardQueryBlock);
       });
 }
 
