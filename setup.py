@@ -133,6 +133,20 @@ def core_extension():
                          extra_compile_args={"cxx": CXX_FLAGS + ["-DCTXKERN_WITH_CUDA"], "nvcc": nvcc})
 
 
+class SeparateObjectsBuildExtension(BuildExtension):
+    """torch's BuildExtension with one object folder per extension: the CPU builds compile the same sources
+    (csrc/cpu/*.cpp) with different flags, and in one folder each build's objects overwrote the other's, so
+    every build recompiled both from scratch instead of only the changed files."""
+
+    def build_extension(self, ext):
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
+
+
 def packages() -> list:
     """Every package under ctxkern/, and kernels/ installed as ctxkern.kernels (DESIGN.md's layout).
 
@@ -150,5 +164,5 @@ setup(
     # off in pyproject.toml so that this is the one list, which tests/test_packaging.py checks against the tree.
     package_data={},
     ext_modules=[core_extension(), *cpu_extensions()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": SeparateObjectsBuildExtension},
 )

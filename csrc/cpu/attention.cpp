@@ -267,7 +267,9 @@ void forward_block(const Head<T>& hd, int64_t i0, int64_t m, const Params& p, Fo
   finish_rows(s.max.data(), s.sum.data(), m, hd.lse + i0);  // sum becomes 1 / sum
   for (int64_t r = 0; r < m; ++r) {
     T* out_row = hd.out + (i0 + r) * hd.out_ld;
-    if (hd.lse[i0 + r] != kInf) {
+    // 1 / sum is +inf exactly when the row saw no key. Not lse: a row whose max score is +inf (an inf in q or k)
+    // has lse +inf too, and its output is acc / sum, NaN as torch's.
+    if (s.sum[r] != kInf) {
       store_scaled(s.acc.data() + r * d, s.sum[r], out_row, d);
     } else {  // the row may see no key
       std::fill(out_row, out_row + d, T(0));
