@@ -95,14 +95,17 @@ struct Head {
 };
 
 // Which tile product the kernels use: MKL's sgemm_ (attention_tile.h's matmul) or the register-blocked
-// microkernel (attention_microkernel.h). Measured side by side (benchmarks/cpu_attention_gemm.py, README
-// "CPU attention: the tile products"), MKL's small-matrix kernels, which read K in place where the microkernel
-// packs K^T, were as fast or faster at every shape here, so auto takes sgemm_ where torch exports it and the
-// microkernel where it does not (instead of a scalar loop). CTXKERN_CPU_ATTENTION_GEMM=blas|microkernel forces
-// one, for that benchmark and the tests.
-inline bool use_microkernel() {
+// microkernel (attention_microkernel.h). Measured side by side on a quiet machine, two threads
+// (benchmarks/cpu_attention_gemm.py, README "CPU attention: the tile products"), the microkernel was
+// 1.02-1.28x sgemm_'s speed from 128 keys on (forward and backward, D = 32 to 128) and at S = 8, and
+// 0.82-0.94x at S = 32, where a packed K^T serves only 32 query rows: so auto takes it from kMicroMinKeys keys
+// on, sgemm_ below, and the microkernel everywhere when torch does not export sgemm_.
+// CTXKERN_CPU_ATTENTION_GEMM=blas|microkernel forces one, for that benchmark and the tests.
+constexpr int64_t kMicroMinKeys = 64;
+
+inline bool use_microkernel(int64_t max_keys) {
   const char* choice = std::getenv("CTXKERN_CPU_ATTENTION_GEMM");
-  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return sgemm_ == nullptr;
+  if (choice == nullptr || std::strcmp(choice, "auto") == 0) return sgemm_ == nullptr || max_keys >= kMicroMinKeys;
   if (std::strcmp(choice, "microkernel") == 0) return true;
   TORCH_CHECK(std::strcmp(choice, "blas") == 0, "CTXKERN_CPU_ATTENTION_GEMM must be auto, blas or microkernel, not '",
               choice, "'");
@@ -114,7 +117,7 @@ struct Params {
   int64_t d;
   float scale;
   bool causal;
-  bool micro = use_microkernel();
+  bool micro;  // use_microkernel(the most keys a sequence has)
 };
 
 // C (m, n) = alpha * op(A) B + beta * C, B row-major (k, n).
@@ -454,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor lse = at::empty({batch, heads, sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const KeyPlan plan = dense_plan(key_padding_mask, batch, sk);
-  const Params p{d, static_cast<float>(scale), causal};
+  const Params p{d, static_cast<float>(scale), causal, use_microkernel(sk)};
   CTXKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
     forward<scalar_t>(batch, heads, sq, p,
                       [&](int64_t b, int64_t h) { return dense_head<scalar_t>(b, h, q, k, v, plan, out, lse); });
@@ -472,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
   const KeyPlan plan = dense_plan(key_padding_mask, batch, sk);
-  const Params p{d, static_cast<float>(scale), causal};
+  const Params p{d, static_cast<float>(scale), causal, use_microkernel(sk)};
   CTXKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
     using T = scalar_t;
     backward<T>(batch, heads, sq, p, [&](int64_t b, int64_t h) {
@@ -536,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q,
   const int32_t* cu_q = cu_seqlens_q.const_data_ptr<int32_t>();  // (B + 1,)
   const int32_t* cu_k = cu_seqlens_k.const_data_ptr<int32_t>();  // (B + 1,)
   const KeyPlan plan = varlen_plan(cu_k, batch);
-  const Params p{d, static_cast<float>(scale), causal};
+  const Params p{d, static_cast<float>(scale), causal, use_microkernel(max_seqlen_k)};
   CTXKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_varlen_fwd_cpu", [&] {
     forward<scalar_t>(batch, heads, longest_q, p, [&](int64_t b, int64_t h) {
       return varlen_head<scalar_t>(b, h, q, k, v, cu_q, cu_k, plan, out, lse);
@@ -562,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   const int32_t* cu_q = cu_seqlens_q.const_data_ptr<int32_t>();  // (B + 1,)
   const int32_t* cu_k = cu_seqlens_k.const_data_ptr<int32_t>();  // (B + 1,)
   const KeyPlan plan = varlen_plan(cu_k, batch);
-  const Params p{d, static_cast<float>(scale), causal};
+  const Params p{d, static_cast<float>(scale), causal, use_microkernel(max_seqlen_k)};
   CTXKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_varlen_bwd_cpu", [&] {
     using T = scalar_t;
     backward<T>(batch, heads, longest_q, p, [&](int64_t b, int64_t h) {
