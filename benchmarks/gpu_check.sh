@@ -38,10 +38,10 @@
 #                                      is the sum of each extension's longest file, ops.cpp 55 + module.cpp
 #                                      46 + 46 = ~150 s, plus 3 links and pip's own work
 #   smoke                60       10   `ctxkern info`; the cuda and triton backends must be available
-#   tests-kernels       180     ~150   `pytest -m cuda -k "not torch-cuda"`: 1036 tests at 2026-12-01, evening (958
+#   tests-kernels       180     ~150   `pytest -m cuda -k "not torch-cuda"`: 1047 tests at 2026-12-01, night (958
 #                                      that morning; the cuda and triton backends, opcheck and torch.compile on
-#                                      CUDA among them, LayerNorm's prenorm, CLIP and ELMo added; `-m cuda`
-#                                      collects 1442, all skipped on a CPU machine). When 648 of them existed,
+#                                      CUDA among them, LayerNorm's prenorm, CLIP, ELMo and the LSTM layer operators
+#                                      added; `-m cuda` collects 1453, all skipped on a CPU machine). When 648 of them existed,
 #                                      their cpu-backend twins (324) took 111 s here, loaded; on the GPU the
 #                                      time is mostly Triton's JIT compiles: 0.26 CPU s per kernel
 #                                      specialization here (tests/test_triton_compile.py, 174 compiles in
