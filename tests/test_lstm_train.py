@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ctxkern
 from allennlp_lstm import allennlp_reference
-from helpers import assert_fp32_close, assert_low_precision_close, require_backend
+from helpers import assert_fp32_close, assert_low_precision_close, cuda_only, require_backend
 
 INPUT, HIDDEN, PROJ, STEPS = 5, 7, 3, 6
 LENGTHS = [5, 2, 6, 1]  # unequal and unsorted: packing sorts them, and reverse starts each at its own end
@@ -243,10 +243,12 @@ def _layer_args(dtype=torch.float32, proj=True, clips=(0.5, 0.4)):
             rand(4 * h), clips[0], clips[1] if proj else None, True)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])])
 @pytest.mark.parametrize("proj", [True, False], ids=["proj", "no_proj"])
-def test_layer_operators_opcheck(proj):
+def test_layer_operators_opcheck(proj, device):
+    """The fakes against the kernels, on the CPU and, where there is a GPU, on CUDA (csrc/cuda's cell policy)."""
     fwd, bwd = torch.ops.ctxkern.lstm_layer_fwd_train, torch.ops.ctxkern.lstm_layer_bwd
-    args = _layer_args(proj=proj)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _layer_args(proj=proj))
     torch.library.opcheck(fwd, args)
     gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse = args
     out, h_n, c_n, gates, c_prev, h_prev, proj_raw = fwd(*args)

@@ -1,6 +1,6 @@
 """ctxkern.nn.LSTM's training path on CUDA: the layer operators' CUDA kernels (csrc/cuda/bindings.cpp's cell
 policy on csrc/lstm_layer_loop.h) against torch.nn.LSTM in float64 on the CPU and AllenNLP's clipped equations,
-and opcheck of the operators on CUDA. Skipped without a GPU (tests/test_lstm_train.py covers the CPU)."""
+(their opcheck on CUDA is in tests/test_lstm_train.py). Skipped without a GPU (tests/test_lstm_train.py covers the CPU)."""
 import pytest
 import torch
 
@@ -72,18 +72,6 @@ def test_backward_is_deterministic():
     first, second = run(ours, x, h0, c0, True)[1], run(ours, x, h0, c0, True)[1]
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("proj", [True, False], ids=["proj", "no_proj"])
-def test_layer_operators_opcheck(proj):
-    fwd, bwd = torch.ops.ctxkern.lstm_layer_fwd_train, torch.ops.ctxkern.lstm_layer_bwd
-    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _layer_args(proj=proj))
-    torch.library.opcheck(fwd, args)
-    gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse = args
-    out, h_n, c_n, gates, c_prev, h_prev, proj_raw = fwd(*args)
-    grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
-    torch.library.opcheck(bwd, (*grads, gates, c_prev, h_prev, proj_raw, batch_sizes, w_hh, w_hr, True, cell_clip,
-                                proj_clip, reverse))
 
 
 def test_float64_is_refused_by_name():

@@ -1,8 +1,8 @@
 // A register-blocked fp32 matrix product for the attention's tiles (csrc/cpu/attention.cpp): C (m, n) =
 // alpha * op(A) B + beta * C with B row-major, op(A) = A or A^T. A is read in place, B in place when row-major
 // (V, dO, K, Q); a B^T (K^T, V^T) is packed once per key chunk by the caller with pack_transposed. The kernels
-// use it where torch exports no sgemm_: measured against MKL's (benchmarks/cpu_attention_gemm.py), whose
-// small-matrix kernels read K^T in place, it came out 0.8-1.06x as fast, the packing of K^T being most of the gap.
+// use it from 64 keys on, and everywhere when torch exports no sgemm_ (attention.cpp's use_microkernel says
+// what was measured: two threads on a quiet machine, 1.02-1.28x MKL's speed from 128 keys on, 0.82-0.94x at 32).
 //
 // The register block is kMR rows by kNV vectors: 6 x 64 floats on AVX-512 (24 of the 32 zmm registers
 // accumulate), 6 x 16 on AVX2 (12 of 16 ymm), 6 x 2 vectors in the portable build. Each step of the reduction
