@@ -1,5 +1,5 @@
 """ctxkern.nn.LSTM's training path on CUDA: the layer operators' CUDA kernels (csrc/cuda/bindings.cpp's cell
-policy on csrc/lstm_layer_loop.h) against torch.nn.LSTM in float64 on the CPU and AllenNLP's clipped equations,
+policy on csrc/lstm_layer_loop.h) against torch.nn.LSTM in float64 on the CPU and AllenNLP's clipped equations
 (their opcheck on CUDA is in tests/test_lstm_train.py). Skipped without a GPU (tests/test_lstm_train.py covers the CPU)."""
 import pytest
 import torch
