@@ -210,76 +210,113 @@ void forward_row(const T* x, const T* r, const float* w, const float* b, T* y, T
   }
 }
 
-// Backward of one row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and
-// xhat = (x + r - mean) * rstd, plus ds (the gradient of the prenorm sum x + r; may be null); adds dy * xhat
-// into dw_acc and dy into db_acc (each (N,) or null).
-// Pass 1 reads the row from memory, keeps xhat, g and dy (fp32) in scratch and takes both sums; pass 2 runs
-// from cache. g is kept rather than recomputed: a recomputed dy * w could be fused into an FMA with the
-// subtraction of mean(g), and then g - mean(g) would not be exactly 0 where it should be (N = 1).
-// An fp32 dy is read in place.
+// The backward of LayerNorm, row by row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and
+// xhat = (x + r - mean) * rstd, plus ds (the gradient of the prenorm sum x + r; r and ds may be null).
+// Pass 1 (backward_sums) reads one row from memory, keeps g (and a non-fp32 dy, widened) in fp32 scratch and
+// takes both means. Pass 2 (backward_apply) runs from cache for kPairRows rows at once: it recomputes xhat from
+// x and r, which costs less than storing it and reading it back, writes dx and adds dy * xhat into dw_acc and
+// dy into db_acc, one read-modify-write of the accumulators for all its rows (in row order, as one row at a
+// time would add them). g is kept rather than recomputed: a recomputed dy * w could be fused into an FMA with
+// the subtraction of mean(g), and then g - mean(g) would not be exactly 0 where it should be (N = 1). An fp32
+// dy is read in place.
 template <typename T>
-void backward_row(const T* dy, const T* x, const T* r, const T* ds, const float* w, float mean, float rstd, T* dx,
-                  float* xhat_scratch, float* g_scratch, float* dy_scratch, float* dw_acc, float* db_acc, int64_t n,
-                  bool stream) {
-  constexpr bool fp32 = std::is_same_v<T, float>;
-  const float* d = fp32 ? reinterpret_cast<const float*>(dy) : dy_scratch;
-  const Vec vmean(mean), vrstd(rstd);
+struct BackwardRow {
+  const T* dy;
+  const T* x;
+  const T* r;   // or null
+  const T* ds;  // or null
+  T* dx;
+  float mean, rstd;
+  float* g;     // (N,) scratch
+  float* dy32;  // (N,) scratch for a non-fp32 dy
+  float mean_g = 0.f, mean_gx = 0.f;
 
+  const float* dy_fp32() const {
+    if constexpr (std::is_same_v<T, float>) return dy;
+    return dy32;
+  }
+  float xhat_at(int64_t j) const {
+    return (static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f) - mean) * rstd;
+  }
+};
+
+constexpr int kPairRows = 2;
+
+template <typename T>
+void backward_sums(BackwardRow<T>& row, const float* w, int64_t n) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  const Vec vmean(row.mean), vrstd(row.rstd);
   Vec sum_g(0.f), sum_gx(0.f);
   int64_t j = 0;
   for (; j + kStep <= n; j += kStep) {
     Vec a, c;
-    load_sum2(x + j, r ? r + j : nullptr, a, c);
+    load_sum2(row.x + j, row.r ? row.r + j : nullptr, a, c);
     const Vec xh0 = (a - vmean) * vrstd, xh1 = (c - vmean) * vrstd;
-    xh0.store(xhat_scratch + j);
-    xh1.store(xhat_scratch + j + kVec);
     Vec g0, g1;
-    load2(dy + j, g0, g1);
+    load2(row.dy + j, g0, g1);
     if (!fp32) {
-      g0.store(dy_scratch + j);
-      g1.store(dy_scratch + j + kVec);
+      g0.store(row.dy32 + j);
+      g1.store(row.dy32 + j + kVec);
     }
     if (w) {
       g0 = g0 * Vec::loadu(w + j);
       g1 = g1 * Vec::loadu(w + j + kVec);
     }
-    g0.store(g_scratch + j);
-    g1.store(g_scratch + j + kVec);
+    g0.store(row.g + j);
+    g1.store(row.g + j + kVec);
     sum_g = sum_g + g0 + g1;
     sum_gx = at::vec::fmadd(g0, xh0, at::vec::fmadd(g1, xh1, sum_gx));
   }
   float sg = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum_g);
   float sgx = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum_gx);
   for (; j < n; ++j) {
-    const float xh = (static_cast<float>(x[j]) + (r ? static_cast<float>(r[j]) : 0.f) - mean) * rstd;
-    const float dyv = static_cast<float>(dy[j]);
-    xhat_scratch[j] = xh;
-    if (!fp32) dy_scratch[j] = dyv;
-    g_scratch[j] = w ? dyv * w[j] : dyv;
-    sg += g_scratch[j];
-    sgx += g_scratch[j] * xh;
+    const float dyv = static_cast<float>(row.dy[j]);
+    if (!fp32) row.dy32[j] = dyv;
+    row.g[j] = w ? dyv * w[j] : dyv;
+    sg += row.g[j];
+    sgx += row.g[j] * row.xhat_at(j);
   }
-  const float mean_g = sg / n, mean_gx = sgx / n;
+  row.mean_g = sg / n;
+  row.mean_gx = sgx / n;
+}
 
-  const Vec vmean_g(mean_g), vmean_gx(mean_gx);
-  for (j = 0; j + kStep <= n; j += kStep) {
-    Vec out[2], ds_v[2];
-    if (ds) load2(ds + j, ds_v[0], ds_v[1]);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = j + h * kVec;
-      const Vec xh = Vec::loadu(xhat_scratch + k), dyv = Vec::loadu(d + k);
-      out[h] = vrstd * (Vec::loadu(g_scratch + k) - vmean_g - xh * vmean_gx);
-      if (ds) out[h] = out[h] + ds_v[h];
-      if (dw_acc) at::vec::fmadd(dyv, xh, Vec::loadu(dw_acc + k)).store(dw_acc + k);
-      if (db_acc) (Vec::loadu(db_acc + k) + dyv).store(db_acc + k);
+// Pass 2 for rows[0, count), count <= kPairRows; dw_acc and db_acc are (N,) or null.
+template <typename T>
+void backward_apply(const BackwardRow<T>* rows, int count, float* dw_acc, float* db_acc, int64_t n, bool stream) {
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    Vec dw[2], db[2];
+    if (dw_acc) dw[0] = Vec::loadu(dw_acc + j), dw[1] = Vec::loadu(dw_acc + j + kVec);
+    if (db_acc) db[0] = Vec::loadu(db_acc + j), db[1] = Vec::loadu(db_acc + j + kVec);
+    for (int q = 0; q < count; ++q) {
+      const BackwardRow<T>& row = rows[q];
+      const Vec vmean(row.mean), vrstd(row.rstd), vmean_g(row.mean_g), vmean_gx(row.mean_gx);
+      Vec xh[2], out[2], ds_v[2];
+      load_sum2(row.x + j, row.r ? row.r + j : nullptr, xh[0], xh[1]);
+      if (row.ds) load2(row.ds + j, ds_v[0], ds_v[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k = j + h * kVec;
+        xh[h] = (xh[h] - vmean) * vrstd;
+        const Vec dyv = Vec::loadu(row.dy_fp32() + k);
+        out[h] = vrstd * (Vec::loadu(row.g + k) - vmean_g - xh[h] * vmean_gx);
+        if (row.ds) out[h] = out[h] + ds_v[h];
+        if (dw_acc) dw[h] = at::vec::fmadd(dyv, xh[h], dw[h]);
+        if (db_acc) db[h] = db[h] + dyv;
+      }
+      store2(row.dx + j, out[0], out[1], stream);
     }
-    store2(dx + j, out[0], out[1], stream);
+    if (dw_acc) dw[0].store(dw_acc + j), dw[1].store(dw_acc + j + kVec);
+    if (db_acc) db[0].store(db_acc + j), db[1].store(db_acc + j + kVec);
   }
   for (; j < n; ++j) {
-    const float xh = xhat_scratch[j], dyv = d[j];
-    dx[j] = static_cast<T>(rstd * (g_scratch[j] - mean_g - xh * mean_gx) + (ds ? static_cast<float>(ds[j]) : 0.f));
-    if (dw_acc) dw_acc[j] += dyv * xh;
-    if (db_acc) db_acc[j] += dyv;
+    for (int q = 0; q < count; ++q) {
+      const BackwardRow<T>& row = rows[q];
+      const float xh = row.xhat_at(j), dyv = row.dy_fp32()[j];
+      row.dx[j] = static_cast<T>(row.rstd * (row.g[j] - row.mean_g - xh * row.mean_gx) +
+                                 (row.ds ? static_cast<float>(row.ds[j]) : 0.f));
+      if (dw_acc) dw_acc[j] += dyv * xh;
+      if (db_acc) db_acc[j] += dyv;
+    }
   }
 }
 
@@ -343,14 +380,23 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* resid
   std::vector<float> db_part(has_bias ? n_chunks * N : 0, 0.f);  // (n_chunks, N)
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> xhat(N), g(N), dy32(N);
+    std::vector<float> scratch(2 * kPairRows * N);  // g and dy32 of each row in flight
+    BackwardRow<T> rows[kPairRows];
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      for (int64_t i = c * rows_per_chunk; i < std::min(M, (c + 1) * rows_per_chunk); ++i) {
-        backward_row<T>(dy_ptr + i * dy_stride, x_ptr + i * x_stride, r_ptr ? r_ptr + i * r_stride : nullptr,
-                        ds_ptr ? ds_ptr + i * ds_stride : nullptr, want_dw ? w32.data() : nullptr, mean_ptr[i],
-                        rstd_ptr[i], dx_ptr + i * N, xhat.data(), g.data(), dy32.data(),
-                        want_dw ? dw_part.data() + c * N : nullptr,
-                        has_bias ? db_part.data() + c * N : nullptr, N, stream);
+      const int64_t row_end = std::min(M, (c + 1) * rows_per_chunk);
+      for (int64_t i = c * rows_per_chunk; i < row_end; i += kPairRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kPairRows, row_end - i));
+        for (int q = 0; q < count; ++q) {
+          const int64_t row = i + q;
+          rows[q] = {dy_ptr + row * dy_stride,  x_ptr + row * x_stride,
+                     r_ptr ? r_ptr + row * r_stride : nullptr, ds_ptr ? ds_ptr + row * ds_stride : nullptr,
+                     dx_ptr + row * N,          mean_ptr[row],
+                     rstd_ptr[row],             scratch.data() + 2 * q * N,
+                     scratch.data() + (2 * q + 1) * N};
+          backward_sums(rows[q], want_dw ? w32.data() : nullptr, N);
+        }
+        backward_apply(rows, count, want_dw ? dw_part.data() + c * N : nullptr,
+                       has_bias ? db_part.data() + c * N : nullptr, N, stream);
       }
     }
     fence_streaming_stores(stream);
