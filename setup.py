@@ -157,8 +157,12 @@ def packages() -> list:
     return found + ["ctxkern.kernels"] + [f"ctxkern.kernels.{p}" for p in find_packages("kernels")]
 
 
+# The `ctxkern` command's entry point, outside the package so that it can run without ctxkern/__init__.py.
+LAUNCHER = "_ctxkern_cli"
+
 setup(
     packages=packages(),
+    py_modules=[LAUNCHER],
     package_dir={"ctxkern.kernels": "kernels"},
     # Files other than .py modules that the packages read at run time (none today); include-package-data is
     # off in pyproject.toml so that this is the one list, which tests/test_packaging.py checks against the tree.

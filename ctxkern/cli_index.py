@@ -26,6 +26,9 @@ def add_index_parser(sub, model_arguments) -> None:
     build.add_argument("--batch-size", type=int, default=32,
                        help="sentences per encoder batch (default 32)")
     _faiss_arguments(build)
+    build.add_argument("--no-query-encoder", action="store_true",
+                       help="do not store the ONNX query encoder that lets `ctxkern search --index` run without "
+                            "torch (about 90 MB for the bundled model; searches then load the model through torch)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     model_arguments(build)
     build.set_defaults(run=_build)
@@ -42,6 +45,9 @@ def add_index_parser(sub, model_arguments) -> None:
 def add_search_arguments(search) -> None:
     search.add_argument("--index", metavar="DIR", help="search this index folder (made by `ctxkern index build`) "
                                                        "instead of encoding a corpus for each query")
+    search.add_argument("--approximate", action="store_true",
+                        help="with --index: search the index's FAISS index, where it has one (default: exact "
+                             "search, faster for one query than loading FAISS's index up to millions of texts)")
 
 
 def _faiss_arguments(parser) -> None:
@@ -78,9 +84,12 @@ def _build(args) -> int:
     index = Index.build(corpus.texts, encoder, lines=corpus.lines, batch_size=args.batch_size,
                         show_progress_bar=not args.no_progress, faiss=spec, faiss_params=params)
     index.skipped = corpus.skipped
-    path = index.save(args.out)
+    path = index.save(args.out, encoder=None if args.no_query_encoder else encoder)
     print(f"wrote {path}: {len(index)} documents, {index.dim}-dim, "
           f"{'exact search and FAISS ' + spec if spec else 'exact search'}, in {time.perf_counter() - start:.1f} s")
+    if index.query_encoder_note:
+        print(f"note: no query encoder stored ({index.query_encoder_note}); searches load the model through torch",
+              file=sys.stderr)
     return 0
 
 
@@ -121,7 +130,7 @@ def search_index(args) -> int:
     torch.set_num_threads(1)
     if args.corpus:
         raise ValueError("--corpus and --index are alternatives: an index already holds its corpus")
-    index = Index.load(args.index)
+    index = Index.load(args.index, load_faiss=args.approximate)
     if args.model is None and index.model and not index.model.get("bundled"):
         args.model = index.model.get("path")
     encoder = _load_encoder(args, quiet=True)
@@ -129,9 +138,46 @@ def search_index(args) -> int:
     if len(encoder.tokenize([args.query])[0]) >= encoder.max_seq_length:
         print(f"note: the query reaches the model's limit of {encoder.max_seq_length} tokens; a longer one is "
               "truncated to it", file=sys.stderr)
-    hits = index.search(args.query, k=args.top, encoder=encoder)[0]
-    print(f"query: {args.query}   ({len(index)} documents in {args.index}, model {index.model['name']})")
+    _print_hits(args, index, index.search(args.query, k=args.top, encoder=encoder)[0])
+    return 0
+
+
+def _print_hits(args, index, hits) -> None:
+    model = (index.model or {}).get("name", "unknown")
+    print(f"query: {args.query}   ({len(index)} documents in {args.index}, model {model})")
     for hit in hits:
         print(f"{hit.score:7.4f}  line {hit.line}: {hit.text}")
+
+
+def light_search_arguments(argv: list[str]):
+    """The parsed `search` arguments when `argv` (after the command name) asks for what search_index_light
+    serves: --index with the index's own model on the CPU, no --corpus; else None."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--top", type=int, default=5)
+    add_search_arguments(parser)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit:                   # a malformed line: the full parser reports it, with its usage
+        return None
+    return args if args.index and not rest else None
+
+
+def search_index_light(args) -> int:
+    """`ctxkern search --index DIR --query Q` through the index's stored query encoder, without torch (see
+    ctxkern/search/query_encoder.py); `_ctxkern_cli` calls it only where the folder has one."""
+    from ctxkern.search import query_encoder
+    from ctxkern.search.index import Index
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    index = Index.load(args.index, load_faiss=args.approximate)
+    encoder = query_encoder.QueryEncoder(index.query_folder)
+    if encoder.token_count(args.query) >= encoder.max_seq_length:
+        print(f"note: the query reaches the model's limit of {encoder.max_seq_length} tokens; a longer one is "
+              "truncated to it", file=sys.stderr)
+    _print_hits(args, index, index.search(encoder.encode([args.query]), k=args.top, exact=not args.approximate)[0])
     return 0
 

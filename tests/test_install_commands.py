@@ -63,6 +63,15 @@ def _check_installed(bin_dir: Path, workdir: Path) -> None:
     search = _run([bin_dir / "ctxkern", "search", "--query", "How do neural networks learn?", "--top", "2"],
                   cwd=workdir, timeout=300)
     assert search.strip(), search
+    # An index with its query encoder, searched by the installed command's torch-free path (_ctxkern_cli).
+    (workdir / "corpus.txt").write_text("\n".join(POLYSEMY) + "\n")
+    _run([bin_dir / "ctxkern", "index", "build", workdir / "corpus.txt", "--out", workdir / "ix", "--no-progress"],
+         cwd=workdir, timeout=300)
+    assert (workdir / "ix" / "query" / "model.onnx").is_file()
+    light = _run([bin_dir / "python", "-c", "import sys, _ctxkern_cli; rc = _ctxkern_cli.main(['search', '--index', "
+                  f"{str(workdir / 'ix')!r}, '--query', 'river', '--top', '1']); assert 'torch' not in sys.modules; "
+                  "sys.exit(rc)"], cwd=workdir, timeout=300)
+    assert "line 2: I sat on the bank of the river." in light, light
 
 
 @pytest.mark.slow

@@ -62,7 +62,8 @@ def test_a_wheel_holds_every_module_and_data_file_of_ctxkern_and_kernels(monkeyp
     build_py = dist.get_command_obj("build_py")
     build_py.ensure_finalized()
     shipped = {os.path.relpath(p, build_py.build_lib) for p in build_py.get_outputs(include_bytecode=0)}
-    expected = tree_files(ROOT / "ctxkern", "ctxkern") | tree_files(ROOT / "kernels", "ctxkern/kernels")
+    expected = (tree_files(ROOT / "ctxkern", "ctxkern") | tree_files(ROOT / "kernels", "ctxkern/kernels") |
+                {"_ctxkern_cli.py"})                                # the command's entry point (setup.py)
     assert expected, "found no source file: the test looks in the wrong place"
     missing, extra = sorted(expected - shipped), sorted(shipped - expected)
     assert not missing, (f"a wheel would lack {missing}: a folder of modules needs an __init__.py "
