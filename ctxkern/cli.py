@@ -73,6 +73,8 @@ def _search(args) -> int:
         from ctxkern.cli_index import search_index
 
         return search_index(args)
+    if args.approximate:
+        raise ValueError("--approximate needs --index: it searches an index's FAISS index")
     corpus = read_corpus(args.corpus) if args.corpus else list(DEFAULT_CORPUS)
     encoder = _load_encoder(args)
     query, documents = encoder.encode([args.query]), encoder.encode(corpus)

@@ -114,6 +114,8 @@ def _info(args) -> int:
           f"max_seq_length {model.get('max_seq_length', '?')})")
     print(f"search: exact" + (f", approximate FAISS {index.faiss_spec} ({index.faiss_params or 'defaults'})"
                               if index.faiss_spec else ""))
+    print("query encoder: " + ("stored (ONNX): `ctxkern search --index` runs without torch"
+                               if index.query_folder else "none: searches load the model through torch"))
     return 0
 
 

@@ -103,6 +103,11 @@ def test_the_launcher_hands_everything_else_to_the_full_cli(saved_index, tmp_pat
     bad = launcher("search", "--index", str(tmp_path / "missing"), "--query", "x", check_no_torch=False)
     assert bad.returncode == 2 and "no such folder" in bad.stderr
     assert launcher("search", "--index", str(saved_index), "--query", "x", "--top", "0").returncode == 2
+    no_index = launcher("search", "--query", "x", "--approximate", check_no_torch=False)
+    assert no_index.returncode == 2 and "--approximate needs --index" in no_index.stderr
+    info = full_cli("index", "info", str(saved_index))
+    assert "query encoder: stored (ONNX)" in info.stdout, info.stdout + info.stderr
+    assert "query encoder: none" in full_cli("index", "info", str(tmp_path / "plain")).stdout
 
 
 def test_a_loaded_index_keeps_its_query_encoder_when_saved_again_and_merged(saved_index, tmp_path):
