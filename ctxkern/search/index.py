@@ -231,14 +231,19 @@ class Index:
             return self._faiss.search(queries, k)
         torch = _torch_if_imported()
         scores, ids = [], []
+        if torch is not None:
+            if self._corpus is None:         # a loaded index maps embeddings.npy read-only: copied on first use
+                self._corpus = torch.from_numpy(np.require(self.embeddings, requirements=["C", "W"]))
+            # One scores buffer for every chunk: a fresh (256, 100k) tensor per chunk costs its page faults,
+            # 0.55 s instead of 0.45 s for 1000 queries at 100k documents here.
+            buffer = torch.empty(min(len(queries), QUERY_CHUNK), len(self))
         for start in range(0, len(queries), QUERY_CHUNK):
             chunk = queries[start:start + QUERY_CHUNK]
             if torch is None:
                 best_scores, best_ids = _top_k_numpy(chunk @ self.embeddings.T, k)
             else:
-                if self._corpus is None:     # a loaded index maps embeddings.npy read-only: copied on first use
-                    self._corpus = torch.from_numpy(np.require(self.embeddings, requirements=["C", "W"]))
-                best = (torch.from_numpy(chunk) @ self._corpus.T).topk(k, dim=1)  # (chunk, N) -> (chunk, k)
+                chunk_scores = torch.mm(torch.from_numpy(chunk), self._corpus.T, out=buffer[:len(chunk)])
+                best = chunk_scores.topk(k, dim=1)                                # (chunk, N) -> (chunk, k)
                 best_scores, best_ids = best.values.numpy(), best.indices.numpy()
             scores.append(best_scores)
             ids.append(best_ids)
