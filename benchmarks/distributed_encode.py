@@ -76,7 +76,7 @@ def main() -> None:
     md = "\n".join([
         f"# Distributed encoding overhead ({result['date']}, commit `{result['commit']}`, Ray {ray.__version__})", "",
         f"{len(texts)} documents (comment lines of the installed packages), bundled all-MiniLM-L6-v2, batch 64; "
-        f"load average {result['load_average_at_end']} on 2 cores shared with other jobs.", "",
+        f"load average at the end {result['load_average_at_end']} (2 cores).", "",
         "| path | seconds | vs single process |", "|---|---|---|",
         f"| one process, {threads} torch threads (Index.build + save) | {result['single_process_seconds']} | 1.00x |",
         f"| Ray Data, {args.workers} workers x 1 thread, shards of {args.shard_docs} + merge + save, Ray running "
