@@ -29,7 +29,8 @@ demo: build
 	@echo "== 5. A persistent index: encode the corpus once (read from stdin), then search it by line number"
 	@$(PY) -c "from ctxkern.search import DEFAULT_CORPUS; print(*DEFAULT_CORPUS, sep='\n')" | \
 		$(PY) -m ctxkern index build - --out demo-index --no-progress
-	@$(PY) -m ctxkern search --index demo-index --query "Where does money come from?" --top 3
+	@echo "==    (the \`ctxkern\` command answers a saved index without loading torch: the index stores an ONNX query encoder)"
+	@$(VENV)/bin/ctxkern search --index demo-index --query "Where does money come from?" --top 3
 	@echo
 	@echo "== 6. A quick benchmark of every kernel against PyTorch (small shapes; tables in bench-out/)"
 	@$(PY) -m ctxkern bench --device cpu --quick --out bench-out

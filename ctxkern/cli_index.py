@@ -85,8 +85,10 @@ def _build(args) -> int:
                         show_progress_bar=not args.no_progress, faiss=spec, faiss_params=params)
     index.skipped = corpus.skipped
     path = index.save(args.out, encoder=None if args.no_query_encoder else encoder)
+    stored = "" if args.no_query_encoder or index.query_encoder_note else ", the query encoder"
     print(f"wrote {path}: {len(index)} documents, {index.dim}-dim, "
-          f"{'exact search and FAISS ' + spec if spec else 'exact search'}, in {time.perf_counter() - start:.1f} s")
+          f"{'exact search and FAISS ' + spec if spec else 'exact search'}{stored}, in "
+          f"{time.perf_counter() - start:.1f} s")
     if index.query_encoder_note:
         print(f"note: no query encoder stored ({index.query_encoder_note}); searches load the model through torch",
               file=sys.stderr)
