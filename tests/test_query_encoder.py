@@ -88,6 +88,17 @@ def test_search_without_torch_prints_what_the_torch_path_prints(saved_index):
         assert light.stderr == full.stderr               # the note on a query past the model's limit
 
 
+@pytest.mark.parametrize("name, content", [("config.json", b"{not json"), ("tokenizer.json", b"[]"),
+                                           ("model.onnx", b"\x00" * 64)])
+def test_a_damaged_query_encoder_file_is_named(saved_index, tmp_path, name, content):
+    import shutil
+
+    shutil.copytree(saved_index, tmp_path / "ix")
+    (tmp_path / "ix" / "query" / name).write_bytes(content)
+    with pytest.raises(IndexFormatError, match=rf"query/{name}: unreadable query encoder file"):
+        query_encoder.QueryEncoder(tmp_path / "ix" / "query")
+
+
 def test_the_launcher_hands_everything_else_to_the_full_cli(saved_index, tmp_path):
     # Options the light path does not serve, and an index without a query encoder, take the torch path.
     proc = launcher("search", "--index", str(saved_index), "--query", "bank", "--backend", "torch",

@@ -69,6 +69,26 @@ def write(folder: Path, encoder) -> Optional[str]:
     return None
 
 
+class _named:
+    """Turns any error while reading `path` into an IndexFormatError that names the file (tokenizers and ONNX
+    Runtime raise their own exception types, with messages that do not)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        if err is not None and isinstance(err, Exception):
+            from ctxkern.search.index import IndexFormatError
+
+            raise IndexFormatError(f"{self.path}: unreadable query encoder file ({str(err).strip()[:200]}); "
+                                   "rebuild the index, or search with --backend to use the model through torch") \
+                from None
+        return False
+
+
 class QueryEncoder:
     """Texts -> (N, D) float32 sentence embeddings, through ONNX Runtime (module docstring)."""
 
@@ -77,14 +97,20 @@ class QueryEncoder:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self.config = json.loads((folder / "config.json").read_text())
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.max_seq_length = int(self.config["max_seq_length"])
+        with _named(folder / "config.json"):
+            self.config = json.loads((folder / "config.json").read_text())
+            self.max_seq_length = int(self.config["max_seq_length"])
+            if self.config["pooling"] not in ("mean", "cls") or int(self.config["dim"]) < 1:
+                raise ValueError(f"pooling {self.config['pooling']!r}, dim {self.config['dim']!r}")
+        with _named(folder / "tokenizer.json"):
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads   # one query is a few tokens: more threads cost more than they save
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        with _named(folder / "model.onnx"):
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                providers=["CPUExecutionProvider"])
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer.encode(text).ids)
