@@ -65,10 +65,12 @@ def _embed(args) -> int:
 
 
 def _search(args) -> int:
+    from ctxkern.cli_index import check_query
     from ctxkern.search import DEFAULT_CORPUS, read_corpus, top_k
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    check_query(args.query)
     if args.index:
         from ctxkern.cli_index import search_index
 

@@ -146,6 +146,15 @@ def search_index(args) -> int:
     return 0
 
 
+def check_query(query: str) -> None:
+    """A --query that is not UTF-8 (the shell passed bytes Python could not decode) is named, not tokenized."""
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"--query is not UTF-8 text (byte {err.object[err.start].encode('utf-8', 'surrogateescape')!r} "
+                         f"at character {err.start})") from None
+
+
 def _print_hits(args, index, hits) -> None:
     model = (index.model or {}).get("name", "unknown")
     print(f"query: {args.query}   ({len(index)} documents in {args.index}, model {model})")
@@ -177,6 +186,7 @@ def search_index_light(args) -> int:
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    check_query(args.query)
     index = Index.load(args.index, load_faiss=args.approximate)
     encoder = query_encoder.QueryEncoder(index.query_folder)
     if encoder.token_count(args.query) >= encoder.max_seq_length:

@@ -161,3 +161,12 @@ def test_numpy_exact_search_equals_torch_exact_search(metric, monkeypatch):
     assert np.array_equal(with_torch[1], without[1])
     assert np.allclose(with_torch[0], without[0], rtol=1e-5, atol=1e-5)
     assert index_module.QUERY_CHUNK < len(queries)
+
+
+def test_a_query_that_is_not_utf8_is_named_on_both_paths(saved_index):
+    # The shell hands Python bytes it cannot decode as surrogates ("caf\udcff" for b"caf\xff").
+    light = launcher("search", "--index", str(saved_index), "--query", "caf\udcff")
+    full = subprocess.run([sys.executable, "-m", "ctxkern", "search", "--index", str(saved_index), "--query",
+                           b"caf\xff"], capture_output=True, text=True, timeout=300)
+    for proc in (light, full):
+        assert proc.returncode == 2 and "--query is not UTF-8 text (byte b'\\xff' at character 3)" in proc.stderr
