@@ -79,6 +79,7 @@ def _build(args) -> int:
     spec, params = _faiss_choice(args)
     corpus = read_corpus_file(args.corpus, jsonl_field=args.jsonl_field)
     print(f"corpus {corpus.name}: {len(corpus.texts)} documents, {corpus.skipped} empty lines skipped")
+    _refuse_elmo(args.model)
     encoder = _load_encoder(args)
     start = time.perf_counter()
     index = Index.build(corpus.texts, encoder, lines=corpus.lines, batch_size=args.batch_size,
@@ -137,6 +138,7 @@ def search_index(args) -> int:
     index = Index.load(args.index, load_faiss=args.approximate)
     if args.model is None and index.model and not index.model.get("bundled"):
         args.model = index.model.get("path")
+    _refuse_elmo(args.model)
     encoder = _load_encoder(args, quiet=True)
     index.check_encoder(encoder)
     if len(encoder.tokenize([args.query])[0]) >= encoder.max_seq_length:
@@ -144,6 +146,14 @@ def search_index(args) -> int:
               "truncated to it", file=sys.stderr)
     _print_hits(args, index, index.search(args.query, k=args.top, encoder=encoder)[0])
     return 0
+
+
+def _refuse_elmo(model) -> None:
+    from ctxkern import cli_elmo
+
+    if cli_elmo.is_elmo_model(model):
+        raise ValueError(f"--model {model}: an index holds sentence embeddings of a sentence-transformers or BERT "
+                         "model; an ELMo model embeds words (`ctxkern embed --word`, `ctxkern search --corpus`)")
 
 
 def check_query(query: str) -> None:

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,6 +254,17 @@ def test_cli_errors_name_the_file_or_line(tmp_path, small_bert, corpus_index):
     corpus_index.save(tmp_path / "ix")
     other = ctxkern_cli("search", "--index", str(tmp_path / "ix"), "--query", "x", "--model", str(small_bert))
     assert other.returncode == 2 and "built with model 'all-MiniLM-L6-v2 (bundled)'" in other.stderr.decode()
+
+
+def test_an_elmo_model_is_refused_by_the_index_commands_with_the_reason(tmp_path, corpus_index):
+    fixtures = Path(__file__).parent / "fixtures" / "elmo"
+    elmo = f"elmo:{fixtures / 'options.json'},{fixtures / 'lm_weights.hdf5'}"
+    corpus_index.save(tmp_path / "ix")
+    for args in (("index", "build", "-", "--out", str(tmp_path / "new"), "--model", elmo),
+                 ("search", "--index", str(tmp_path / "ix"), "--query", "x", "--model", elmo)):
+        proc = ctxkern_cli(*args, stdin=b"a sentence\n")
+        assert proc.returncode == 2, proc.stderr.decode()
+        assert "an ELMo model embeds words" in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
 
 
 def test_a_query_past_the_model_limit_is_truncated_and_said(corpus_index, tmp_path, capsys):
