@@ -11,8 +11,8 @@ matches SentenceEncoder.encode's to about 1e-6 (tests/test_query_encoder.py), so
 between texts whose scores tie to that precision.
 
 Only what the numpy side can reproduce exactly is exported: a BERT folder with mean or CLS pooling and no
-prompts. For anything else (an ELMo model, a folder with prompts, onnx / onnxruntime / transformers missing)
-`write` writes nothing and says why, and a search loads the model through torch as before.
+prompts. For anything else (a model not loaded from a folder, a folder with prompts, onnx / onnxruntime /
+transformers missing) `write` writes nothing and says why, and a search loads the model through torch as before.
 
 This module imports neither torch nor ctxkern's operators: `_ctxkern_cli` loads it without ctxkern's
 __init__.
