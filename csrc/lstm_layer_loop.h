@@ -145,10 +145,10 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   const double clip = lstm_clip_bound(cell_clip);
   LstmLayerForward r;
   r.out = at::empty({N, P}, h0.options());
-  r.h_n = h0.contiguous().clone();  // (B, P) the state, updated step by step; h_n at the end
-  r.c_n = c0.contiguous().clone();  // (B, H) likewise, the cell writing it in place
+  r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // (B, P) the state, updated step by step; h_n at the end
+  r.c_n = c0.clone(at::MemoryFormat::Contiguous);  // (B, H) likewise, the cell writing it in place
   // The pre-activations start as gates_in + bias; each step then adds its h W_hh^T in place (beta = 1).
-  r.gates = bias ? at::add(gates_in, *bias) : gates_in.contiguous().clone();  // (N, 4H)
+  r.gates = bias ? at::add(gates_in, *bias) : gates_in.clone(at::MemoryFormat::Contiguous);  // (N, 4H)
   if (train) {
     r.c_prev = at::empty({N, H}, c0.options());
     r.h_prev = at::empty({N, P}, h0.options());
@@ -209,8 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const LstmSteps steps(batch_sizes, reverse);
   const double clip = lstm_clip_bound(cell_clip);
 
-  at::Tensor dh = dh_n.contiguous().clone();  // (B, P) the gradient of the state h; dh0 at the end
-  at::Tensor dc = dc_n.contiguous().clone();  // (B, H) likewise for c
+  at::Tensor dh = dh_n.clone(at::MemoryFormat::Contiguous);  // (B, P) the gradient of the state h; dh0 at the end
+  at::Tensor dc = dc_n.clone(at::MemoryFormat::Contiguous);  // (B, H) likewise for c
   at::Tensor dgates = at::empty({N, 4 * H}, gates.options());
   // With a projection: each step's gradient of the projected h (N, P), the cell's h recomputed (N, H), and
   // the gradient of the cell's h of one step (B, H).
