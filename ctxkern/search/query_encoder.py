@@ -19,6 +19,7 @@ __init__.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -69,24 +70,17 @@ def write(folder: Path, encoder) -> Optional[str]:
     return None
 
 
-class _named:
+@contextlib.contextmanager
+def _named(path: Path):
     """Turns any error while reading `path` into an IndexFormatError that names the file (tokenizers and ONNX
     Runtime raise their own exception types, with messages that do not)."""
+    try:
+        yield
+    except Exception as err:
+        from ctxkern.search.index import IndexFormatError
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, err, traceback) -> bool:
-        if err is not None and isinstance(err, Exception):
-            from ctxkern.search.index import IndexFormatError
-
-            raise IndexFormatError(f"{self.path}: unreadable query encoder file ({str(err).strip()[:200]}); "
-                                   "rebuild the index, or search with --backend to use the model through torch") \
-                from None
-        return False
+        raise IndexFormatError(f"{path}: unreadable query encoder file ({str(err).strip()[:200]}); rebuild the "
+                               "index, or search with --backend to use the model through torch") from None
 
 
 class QueryEncoder:
