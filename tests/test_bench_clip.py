@@ -1,5 +1,6 @@
 """`ctxkern bench --op clip`'s cases on a tiny configuration (the real sizes take minutes on a CPU): every
 candidate passes the float64 check, and the rows carry images/s or texts/s and the ratio to transformers."""
+import pytest
 import transformers
 
 from ctxkern.bench import clip as bench_clip
@@ -17,7 +18,7 @@ def tiny_config(patch):
 def test_clip_cases_check_and_time(monkeypatch):
     monkeypatch.setattr(bench_clip, "_hf_config", tiny_config)
     cases = bench_clip.cases("cpu", quick=True, with_compile=False)
-    assert [c.op for c in cases] == ["clip_image_features", "clip_text_features"]
+    assert [c.op for c in cases] == ["clip_image_features", "clip_text_features", "clip_text_features"]
     for case in cases:
         case.cpu_rounds, case.cpu_warmup = 1, 0
         rows = run_case(case, "cpu", {"fp32_tflops": 1.0, "copy_gbps": 1.0})
@@ -27,8 +28,17 @@ def test_clip_cases_check_and_time(monkeypatch):
             assert row["items_per_s"] > 0 and row["speedup_vs_peer"] > 0 and row["tflops"] > 0
 
 
-def test_prompt_ids_are_real_length_prompts():
-    ids, mask = bench_clip.prompt_ids(64, "cpu")
+@pytest.mark.parametrize("zero_shot", [True, False])
+def test_prompt_ids_are_real_length_prompts(zero_shot):
+    ids, mask = bench_clip.prompt_ids(64, "cpu", zero_shot=zero_shot)
     lengths = mask.sum(1)
-    assert ids.shape == (64, int(lengths.max())) and 7 <= int(lengths.min()) and int(lengths.max()) <= 10
+    assert ids.shape == (64, int(lengths.max())) and 6 <= int(lengths.min()) and int(lengths.max()) <= 16
     assert (ids[:, 0] == 49406).all() and (ids[range(64), lengths - 1] == 49407).all()
+    # "a photo of a cat." and "a bad photo of a cat.": the same word, the same id; captions share none.
+    first, second = ids[0, 1:6].tolist(), ids[1, 1:7].tolist()
+    if zero_shot:
+        assert first[:1] == second[:1] and first[1:] == second[2:]
+    else:
+        real = ids[:, 1:][mask[:, 1:] == 1]
+        real = real[real != 49407]
+        assert len(real.unique()) == len(real)

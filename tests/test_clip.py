@@ -13,6 +13,10 @@ from random_clip import IMAGE_SIZE, save_hf_clip, save_open_clip
 REL = 1e-4           # the issue's bound on features, relative to their largest magnitude
 # Prompts of the small vocabulary's words, an empty one and one past the 77-token context (truncated).
 PROMPTS = ["a photo of a cat", "", "a small red bird", "the dog " * 60, "a drawing of the large blue car."]
+# Zero-shot-like prompts sharing their beginnings, a duplicate and a prompt that begins another (computed once
+# each: models/_prompt_tree.py).
+SHARED_PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a cat.", "a photo of a", "a photo",
+                  "a drawing of a cat.", "a photo of the large red car."]
 CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
 KINDS = [("quick_gelu", "first_eos"), ("gelu", "argmax")]
 
@@ -140,6 +144,29 @@ def test_parameter_gradients_match_transformers(folders, hf_tokenizer, backend, 
         assert (p.grad - ref.view_as(p.grad)).abs().max().item() <= REL * scale, name
         checked += 1
     assert checked == len(list(clip.parameters()))
+    hf.zero_grad()
+
+
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS, ids=["-".join(k) for k in KINDS])
+def test_prompts_sharing_beginnings_match_transformers(folders, hf_tokenizer, backend, device, kind):
+    """Features and parameter gradients of prompts that share beginnings (under the argmax rule of the GELU
+    model, a pooled token can fall inside another prompt's path)."""
+    require_backend(backend)
+    hf_folder, _, hf = folders[kind]
+    clip = Clip.from_pretrained(hf_folder, backend=backend)
+    batch = hf_tokenizer(SHARED_PROMPTS, padding=True, return_tensors="pt")
+    weights = torch.randn(len(SHARED_PROMPTS), 24)
+    hf.zero_grad()
+    theirs = hf.get_text_features(**batch).pooler_output
+    (theirs * weights).sum().backward()
+    ours = clip.get_text_features(batch["input_ids"], batch["attention_mask"])
+    (ours * weights).sum().backward()
+    assert rel_err(ours.detach(), theirs.detach()) < REL
+    hf_params = dict(hf.named_parameters())
+    for name, p in clip.text.named_parameters():
+        ref = torch.cat([hf_params[n].grad for n in _hf_name(f"text.{name}")])
+        assert (p.grad - ref.view_as(p.grad)).abs().max().item() <= REL * max(ref.abs().max().item(), 1e-6), name
     hf.zero_grad()
 
 

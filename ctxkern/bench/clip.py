@@ -1,28 +1,37 @@
 """CLIP's towers end to end: images/s of get_image_features and texts/s of get_text_features at ViT-B/32 and
 ViT-B/16 sizes (OpenAI's configurations with random weights), models.Clip against transformers' CLIPModel with
 SDPA attention on the same weights, device and dtype. Inputs: random pixel values (preprocessing is not timed);
-batches of real-length prompts "a photo of a {label}." as token ids, padded to the longest with its mask, as
-transformers' CLIPTokenizer gives them (one token per word and per punctuation mark, as CLIP's BPE mostly gives
-for such prompts; no CLIP vocabulary is bundled to tokenize them for real). The check: each candidate's features
-against CLIPModel's in float64.
+two batches of real-length prompts as token ids, padded to the longest with its mask, as transformers'
+CLIPTokenizer gives them (one token per word and per punctuation mark, as CLIP's BPE mostly gives for such
+prompts; no CLIP vocabulary is bundled to tokenize them for real):
+- zero-shot prompts: Clip.zero_shot's templates times labels ("a photo of a {label}.", ...), each word one id
+  throughout, so the prompts share their beginnings as real ones do (models.Clip computes a shared beginning
+  once: models/_prompt_tree.py);
+- distinct captions: as many tokens, no two prompts sharing one past BOS (what that shortcut cannot help).
+The check: each candidate's features against CLIPModel's in float64.
 
 TFLOP/s count the towers' useful work: per layer and token 2 * (4 W^2 + 2 W I) flops for the projections and
 the MLP, 4 W flops per attended (query, key) pair (S^2 per image, the causal half n (n + 1) / 2 per prompt), plus
-the patch convolution; the pooled-row shortcuts of models.Clip are not credited as work.
+the patch convolution; models.Clip's shortcuts (the pooled row only in the last block, shared beginnings once)
+are not credited as work.
 """
 from __future__ import annotations
 
 import copy
+import re
+import zlib
 
 import torch
 
 from ctxkern.bench.case import Candidate, Case
 from ctxkern.bench.peers import ctxkern_backends
+from ctxkern.models.clip import DEFAULT_TEMPLATES
 
 HF_PEER = "HF CLIPModel (SDPA)"
 LABELS = ["cat", "dog", "golden retriever", "tabby cat", "school bus", "red fox", "espresso", "mountain bike",
           "pizza", "grand piano", "lighthouse", "hot air balloon", "sea turtle", "fire truck", "banana",
-          "wooden spoon"]
+          "wooden spoon", "goldfish", "bald eagle", "tree frog", "king penguin", "zebra", "volcano", "canoe",
+          "teapot", "umbrella", "violin", "sports car", "strawberry", "daisy", "jellyfish", "castle", "tractor"]
 
 
 def _hf_config(patch: int):
@@ -45,17 +54,27 @@ def _hf_model(patch: int, device: str, dtype: torch.dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def prompt_ids(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """n prompts "a photo of a {label}." as ids: BOS, a token per word and for the period, EOS; padded with EOS
-    to the longest, and the mask."""
+def prompt_ids(n: int, device: str, *, zero_shot: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """n prompts as ids: BOS, a token per word and per punctuation mark, EOS; padded with EOS to the longest, and
+    the mask. zero_shot: zero-shot classification's prompts, the templates times the labels in Clip.zero_shot's
+    order, each word always the same id (as a tokenizer gives it), so that prompts share their beginnings as real
+    ones do. Else distinct captions: as long, every word a different id (no prompt shares a token past BOS)."""
     bos, eos = 49406, 49407
-    g = torch.Generator().manual_seed(0)
-    rows = [[bos] + torch.randint(1, 49405, (len(f"a photo of a {LABELS[i % len(LABELS)]}".split()) + 1,),
-                                  generator=g).tolist() + [eos] for i in range(n)]
+    prompts = [template.format(label) for label in LABELS for template in DEFAULT_TEMPLATES][:n]
+    words = [re.findall(r"\w+|[^\w\s]", prompt) for prompt in prompts]
+    if zero_shot:
+        rows = [[bos] + [_word_id(w) for w in ws] + [eos] for ws in words]
+    else:
+        distinct = iter((1 + torch.randperm(bos - 1, generator=torch.Generator().manual_seed(0))).tolist())
+        rows = [[bos] + [next(distinct) for _ in ws] + [eos] for ws in words]
     width = max(map(len, rows))
     ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     return ids, mask
+
+
+def _word_id(word: str) -> int:
+    return 256 + zlib.crc32(word.encode()) % 49000        # a stand-in vocabulary: stable, below BOS
 
 
 def tower_flops(tokens: list[int], width: int, intermediate: int, layers: int, causal: bool) -> float:
@@ -78,34 +97,43 @@ def _cases_for(name: str, patch: int, device: str, dtype: torch.dtype, images: i
     hf = _hf_model(patch, device, dtype)
     hf64 = copy.deepcopy(hf).double()
     ours = {backend: from_hf_model(Clip, hf, backend=backend) for backend in ctxkern_backends(device)}
-    v, t = hf.config.vision_config, hf.config.text_config
+    v = hf.config.vision_config
     pixels = torch.randn(images, 3, v.image_size, v.image_size, device=device, dtype=dtype)
-    ids, mask = prompt_ids(texts, device)
     s = (v.image_size // patch) ** 2 + 1
     image_flops = (tower_flops([s] * images, v.hidden_size, v.intermediate_size, v.num_hidden_layers, False)
                    + 2.0 * images * (s - 1) * 3 * patch**2 * v.hidden_size)
-    lengths = mask.sum(1).tolist()
     image_case = Case(op="clip_image_features", shape=f"{name} B={images}", dtype=dtype, bytes_moved=None,
                       flops=image_flops, items=images, peer=HF_PEER, cpu_rounds=rounds, cpu_warmup=warmup,
                       reference=_inference(lambda: (hf64.get_image_features(pixel_values=pixels.double())
                                                     .pooler_output,)),
                       candidates=[Candidate(HF_PEER, _inference(
                           lambda: hf.get_image_features(pixel_values=pixels).pooler_output), baseline=True)])
-    text_case = Case(op="clip_text_features", shape=f"{name} B={texts} tokens={sum(lengths)} "
-                                                    f"padded to {ids.shape[1]}", dtype=dtype, bytes_moved=None,
-                     flops=tower_flops(lengths, t.hidden_size, t.intermediate_size, t.num_hidden_layers, True),
-                     items=texts, peer=HF_PEER, cpu_rounds=rounds, cpu_warmup=warmup,
-                     reference=_inference(lambda: (hf64.get_text_features(input_ids=ids, attention_mask=mask)
-                                                   .pooler_output,)),
-                     candidates=[Candidate(HF_PEER, _inference(
-                         lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output),
-                         baseline=True)])
     for backend, clip in ours.items():
         image_case.candidates.append(Candidate(f"ctxkern.{backend} Clip", _inference(
             lambda clip=clip: clip.get_image_features(pixels)), baseline=False))
-        text_case.candidates.append(Candidate(f"ctxkern.{backend} Clip", _inference(
+    text_cases = [_text_case(f"{name} {kind}", hf, hf64, ours, *prompt_ids(texts, device, zero_shot=zero_shot),
+                             warmup, rounds) for kind, zero_shot in (("zero-shot prompts", True),
+                                                                     ("distinct captions", False))]
+    return [image_case, *text_cases]
+
+
+def _text_case(name: str, hf, hf64, ours: dict, ids: torch.Tensor, mask: torch.Tensor, warmup: int,
+               rounds: int) -> Case:
+    t = hf.config.text_config
+    lengths = mask.sum(1).tolist()
+    case = Case(op="clip_text_features", shape=f"{name} B={len(ids)} tokens={sum(lengths)} padded to "
+                                               f"{ids.shape[1]}", dtype=hf.dtype, bytes_moved=None,
+                flops=tower_flops(lengths, t.hidden_size, t.intermediate_size, t.num_hidden_layers, True),
+                items=len(ids), peer=HF_PEER, cpu_rounds=rounds, cpu_warmup=warmup,
+                reference=_inference(lambda: (hf64.get_text_features(input_ids=ids, attention_mask=mask)
+                                              .pooler_output,)),
+                candidates=[Candidate(HF_PEER, _inference(
+                    lambda: hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output),
+                    baseline=True)])
+    for backend, clip in ours.items():
+        case.candidates.append(Candidate(f"ctxkern.{backend} Clip", _inference(
             lambda clip=clip: clip.get_text_features(ids, mask)), baseline=False))
-    return [image_case, text_case]
+    return case
 
 
 def cases(device: str, quick: bool, with_compile: bool) -> list[Case]:

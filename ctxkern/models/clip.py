@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ctxkern import _dispatch, nn, ops
 from ctxkern.models._linear import ACTIVATIONS, Linear
-from ctxkern.models._transformer import (Attend, Mlp, SelfAttention, check_ids, pack, packed_attention,
-                                         pad_rows_for_onednn, padded_attention)
+from ctxkern.models._prompt_tree import prompt_tree
+from ctxkern.models._transformer import (Attend, Mlp, SelfAttention, check_ids, pad_rows_for_onednn,
+                                         padded_attention)
 
 # The templates of CLIP's zero-shot evaluation most often used on their own (a subset of OpenAI's 80 ImageNet
 # prompts); the embeddings of a label's prompts are averaged.
@@ -172,32 +173,25 @@ class ClipTextTower(torch.nn.Module):
         return self._padded(input_ids, attention_mask != 0, pooled)
 
     def _packed(self, input_ids: Tensor, upto_pooled: Tensor) -> Tensor:
-        """Each row's tokens up to its pooled one, packed: exact, as causal attention lets no later token reach
-        the pooled one."""
-        index, cu_seqlens, max_seqlen = pack(upto_pooled)                              # T real tokens
-        positions = index % input_ids.shape[1]                                         # (T,)
-        tokens = self.token_embedding(input_ids.flatten()[index])                      # (T, W)
-        residual, delta = self.position_embedding(positions), tokens
+        """Each row's tokens up to its pooled one, a prefix the rows share computed once (models/_prompt_tree.py):
+        exact, as causal attention lets neither a later token nor another prompt reach the pooled one."""
+        rows = [row[:n] for row, n in zip(input_ids.tolist(), upto_pooled.sum(1).tolist())]
+        tree = prompt_tree(rows, input_ids.device)
+        residual, delta = self.position_embedding(tree.positions), self.token_embedding(tree.tokens)  # (N, W)
         total = len(residual)
-        last = cu_seqlens[1:].long() - 1                                               # (B,) the pooled rows
         if len(self.layers) > 1:
-            # The padded rows (oneDNN's row count) are sequences of their own; the last block reads rows :T.
-            residual, cu_padded = pad_rows_for_onednn(residual, cu_seqlens, self.layers[0].attention.qkv)
+            # The padded rows (oneDNN's row count) attend to themselves alone; the last block reads rows :N.
+            residual, _ = pad_rows_for_onednn(residual, tree.cu_seqlens_q, self.layers[0].attention.qkv)
             delta = F.pad(delta, (0, 0, 0, len(residual) - total))
-            attend = packed_attention(cu_padded, max_seqlen, self.backend, causal=True)
+            attend = tree.with_rows(len(residual)).attend_segments(self.backend)
             for layer in self.layers[:-1]:
                 residual, delta = layer(residual, delta, attend)
             residual, delta = residual[:total], delta[:total]
         if self.layers:
-            one_each = torch.arange(len(last) + 1, dtype=torch.int32, device=last.device)
-
-            def attend_last(q, k, v):                                                 # q (B, heads, d): one query
-                return ops.attention_varlen(q, k, v, one_each, cu_seqlens, 1, max_seqlen, causal=True,
-                                            backend=self.backend)
-
-            residual, delta = self.layers[-1].forward_rows(residual, delta, lambda t: t[last], attend_last)
+            residual, delta = self.layers[-1].forward_rows(residual, delta, lambda t: t[tree.pooled],
+                                                           tree.attend_pooled(self.backend))
         else:
-            residual, delta = residual[last], delta[last]
+            residual, delta = residual[tree.pooled], delta[tree.pooled]
         return ops.layer_norm(delta, self.final_layer_norm.weight, self.final_layer_norm.bias,
                               self.final_layer_norm.eps, residual=residual, backend=self.backend)
 
