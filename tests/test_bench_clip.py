@@ -18,7 +18,7 @@ def tiny_config(patch):
 def test_clip_cases_check_and_time(monkeypatch):
     monkeypatch.setattr(bench_clip, "_hf_config", tiny_config)
     cases = bench_clip.cases("cpu", quick=True, with_compile=False)
-    assert [c.op for c in cases] == ["clip_image_features", "clip_text_features", "clip_text_features"]
+    assert [c.op for c in cases] == ["clip_image_features"] + ["clip_text_features"] * 3
     for case in cases:
         case.cpu_rounds, case.cpu_warmup = 1, 0
         rows = run_case(case, "cpu", {"fp32_tflops": 1.0, "copy_gbps": 1.0})
@@ -28,17 +28,21 @@ def test_clip_cases_check_and_time(monkeypatch):
             assert row["items_per_s"] > 0 and row["speedup_vs_peer"] > 0 and row["tflops"] > 0
 
 
-@pytest.mark.parametrize("zero_shot", [True, False])
-def test_prompt_ids_are_real_length_prompts(zero_shot):
-    ids, mask = bench_clip.prompt_ids(64, "cpu", zero_shot=zero_shot)
+@pytest.mark.parametrize("set_name, make, distinct", bench_clip.PROMPT_SETS)
+def test_prompt_sets_are_real_length_prompts(set_name, make, distinct):
+    prompts = make(64)
+    assert len(set(prompts)) == 64
+    ids, mask = bench_clip.prompt_ids(prompts, "cpu", distinct_words=distinct)
     lengths = mask.sum(1)
     assert ids.shape == (64, int(lengths.max())) and 6 <= int(lengths.min()) and int(lengths.max()) <= 16
     assert (ids[:, 0] == 49406).all() and (ids[range(64), lengths - 1] == 49407).all()
-    # "a photo of a cat." and "a bad photo of a cat.": the same word, the same id; captions share none.
-    first, second = ids[0, 1:6].tolist(), ids[1, 1:7].tolist()
-    if zero_shot:
-        assert first[:1] == second[:1] and first[1:] == second[2:]
-    else:
-        real = ids[:, 1:][mask[:, 1:] == 1]
-        real = real[real != 49407]
+    real = ids[:, 1:][mask[:, 1:] == 1]
+    real = real[real != 49407]
+    if distinct:                                     # no two prompts share a token past BOS
         assert len(real.unique()) == len(real)
+    else:                                            # the same word, the same id: "a photo of a" repeats
+        assert len(real.unique()) < len(real) / 2
+
+
+def test_the_first_set_is_the_issues_short_prompts():
+    assert bench_clip.PROMPT_SETS[0][1](64) == [f"a photo of a {label}." for label in bench_clip.LABELS]
