@@ -18,7 +18,8 @@
 //   clip (a double, so that float64 clamps at the exact bound) is +inf when there is none (clamp and mask are
 //   then no-ops); all tensors share one dtype and device.
 //     // The products by a matrix fixed for the whole loop (the recurrent and the projection weights, in the
-//     // forward and the backward): Product(w) may prepare w (k, cols) (contiguous) once, e.g. pack it, then
+//     // forward and the backward): Product(w, rows) may prepare w (k, cols) (contiguous) once for products of
+//     // at most `rows` rows, e.g. pack it, then
 //     // product(out, a, accumulate) sets out (n, cols) = a (n, k) @ w, or adds it with accumulate; a and out
 //     // have contiguous last dims. AtenProduct below (ATen's addmm_ / mm_out) serves any device.
 //     using Product = AtenProduct;
@@ -29,6 +30,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -47,12 +49,13 @@ struct LstmSteps {
   }
   int64_t count() const { return static_cast<int64_t>(sizes.size()); }
   int64_t at_visit(int64_t k) const { return reverse ? count() - 1 - k : k; }  // the step visited k-th
+  int64_t most_rows() const { return sizes.empty() ? 0 : *std::max_element(sizes.begin(), sizes.end()); }
 };
 
 // out (n, cols) = a (n, k) @ w (+ out when accumulating) through ATen; w (k, cols) as the caller gives it.
 class AtenProduct {
  public:
-  explicit AtenProduct(at::Tensor w) : w_(std::move(w)) {}
+  AtenProduct(at::Tensor w, int64_t /*rows*/) : w_(std::move(w)) {}
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate) const {
     if (accumulate) {
       out.addmm_(a, w_);
@@ -159,8 +162,10 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   // row (BLAS "NN"), which MKL runs at small n up to 2.5x faster than on the transposed view ("NT"); the copy
   // is one pass over the weights per call.
   using Product = typename Cell::Product;
-  const Product recurrent(w_hh.t().contiguous());                                       // (P, 4H)
-  const std::optional<Product> projection = w_hr ? std::optional<Product>(w_hr->t().contiguous()) : std::nullopt;
+  const int64_t rows = steps.most_rows();
+  const Product recurrent(w_hh.t().contiguous(), rows);                                 // (P, 4H)
+  const std::optional<Product> projection =
+      w_hr ? std::optional<Product>(std::in_place, w_hr->t().contiguous(), rows) : std::nullopt;
 
   for (int64_t k = 0; k < steps.count(); ++k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
@@ -219,8 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_cell = w_hr ? at::empty({B, H}, gates.options()) : at::Tensor();
 
   using Product = typename Cell::Product;
-  const Product recurrent(w_hh.contiguous());                                            // (4H, P)
-  const std::optional<Product> projection = w_hr ? std::optional<Product>(w_hr->contiguous()) : std::nullopt;
+  const int64_t rows = steps.most_rows();
+  const Product recurrent(w_hh.contiguous(), rows);                                      // (4H, P)
+  const std::optional<Product> projection =
+      w_hr ? std::optional<Product>(std::in_place, w_hr->contiguous(), rows) : std::nullopt;
   for (int64_t k = steps.count() - 1; k >= 0; --k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;

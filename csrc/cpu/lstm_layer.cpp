@@ -65,7 +65,9 @@ void backward_double(const at::Tensor& gates, const at::Tensor& c_prev, const at
 
 // MKL's packed GEMM, which torch's own MKL exports (libtorch_cpu): the fixed weight is packed once per call,
 // and each step's product reads the packed copy instead of repacking the weight, a gain of up to ~20% at the
-// recurrence's few rows (16 x 512 @ 512 x 2048). Weak references: without these symbols (a torch built without
+// recurrence's few rows (16 x 512 @ 512 x 2048). The packing is for the call's largest row count: MKL lays the
+// packed copy out for the m it is given, and one packed for m = 1 made the products of 16 rows 1.46x slower
+// (16 x 512 @ 512 x 2048: 258 against 177 us a step, two threads; 32 x 256 @ 256 x 1024: 1.28x). Weak references: without these symbols (a torch built without
 // MKL) they are null and the products go through ATen. LP64 signatures (MKL_INT = int; the enums are ints).
 extern "C" {
 __attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
@@ -80,12 +82,16 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;  /
 // The Product of csrc/lstm_layer_loop.h: MKL's packed GEMM for float32, ATen's otherwise.
 class CpuProduct {
  public:
-  explicit CpuProduct(at::Tensor w) : aten_(w), k_(w.size(0)), cols_(w.size(1)) {  // w: (k, cols) contiguous
+  CpuProduct(at::Tensor w, int64_t rows) : aten_(w, rows), k_(w.size(0)), cols_(w.size(1)) {  // w: (k, cols)
     const bool mkl = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
-    if (!mkl || w.scalar_type() != at::kFloat || k_ == 0 || cols_ == 0 || k_ > INT32_MAX || cols_ > INT32_MAX) return;
-    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, 1, cols_, k_);  // the same for every row count
+    if (!mkl || w.scalar_type() != at::kFloat || k_ == 0 || cols_ == 0 || rows == 0 || k_ > INT32_MAX ||
+        cols_ > INT32_MAX || rows > INT32_MAX) {
+      return;
+    }
+    const int m = static_cast<int>(rows);
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, m, cols_, k_);
     packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
-    cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, 1, cols_, k_, 1.f, w.const_data_ptr<float>(), cols_,
+    cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, m, cols_, k_, 1.f, w.const_data_ptr<float>(), cols_,
                      packed_.data_ptr<float>());
   }
 
