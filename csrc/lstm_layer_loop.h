@@ -18,8 +18,9 @@
 //   clip (a double, so that float64 clamps at the exact bound) is +inf when there is none (clamp and mask are
 //   then no-ops); all tensors share one dtype and device.
 //     // The products by a matrix fixed for the whole loop (the recurrent and the projection weights, in the
-//     // forward and the backward): Product(w, rows) may prepare w (k, cols) (contiguous) once for products of
-//     // at most `rows` rows, e.g. pack it, then
+//     // forward and the backward): Product(w, rows) may prepare w (k, cols) (any strides; a transposed view
+//     // when the product is by a weight's transpose) once for products of at most `rows` rows, e.g. pack it,
+//     // then
 //     // product(out, a, accumulate) sets out (n, cols) = a (n, k) @ w, or adds it with accumulate; a and out
 //     // have contiguous last dims. AtenProduct below (ATen's addmm_ / mm_out) serves any device.
 //     using Product = AtenProduct;
@@ -55,7 +56,7 @@ struct LstmSteps {
 // out (n, cols) = a (n, k) @ w (+ out when accumulating) through ATen; w (k, cols) as the caller gives it.
 class AtenProduct {
  public:
-  AtenProduct(at::Tensor w, int64_t /*rows*/) : w_(std::move(w)) {}
+  AtenProduct(const at::Tensor& w, int64_t /*rows*/) : w_(w.contiguous()) {}
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate) const {
     if (accumulate) {
       out.addmm_(a, w_);
@@ -158,14 +159,14 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
     r.proj_raw = at::empty({proj_clip ? N : 0, P}, h0.options());
   }
   at::Tensor h_cell = w_hr ? at::empty({B, H}, c0.options()) : at::Tensor();  // (B, H) before the projection
-  // The transposed weights as contiguous copies: h (n, P) @ w_hh^T (P, 4H) then reads its right operand row by
-  // row (BLAS "NN"), which MKL runs at small n up to 2.5x faster than on the transposed view ("NT"); the copy
-  // is one pass over the weights per call.
+  // The products by the weights' transposes: AtenProduct makes each a contiguous copy, so that h (n, P) @ w_hh^T
+  // (P, 4H) reads its right operand row by row (BLAS "NN"), which MKL runs at small n up to 2.5x faster than
+  // the transposed view ("NT"); MKL's packing reads the transposed view itself.
   using Product = typename Cell::Product;
   const int64_t rows = steps.most_rows();
-  const Product recurrent(w_hh.t().contiguous(), rows);                                 // (P, 4H)
-  const std::optional<Product> projection =
-      w_hr ? std::optional<Product>(std::in_place, w_hr->t().contiguous(), rows) : std::nullopt;
+  const Product recurrent(w_hh.t(), rows);                                              // (P, 4H)
+  const std::optional<Product> projection = w_hr ? std::optional<Product>(std::in_place, w_hr->t(), rows)
+                                                 : std::nullopt;
 
   for (int64_t k = 0; k < steps.count(); ++k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
@@ -225,9 +226,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   using Product = typename Cell::Product;
   const int64_t rows = steps.most_rows();
-  const Product recurrent(w_hh.contiguous(), rows);                                      // (4H, P)
-  const std::optional<Product> projection =
-      w_hr ? std::optional<Product>(std::in_place, w_hr->contiguous(), rows) : std::nullopt;
+  const Product recurrent(w_hh, rows);                                                   // (4H, P)
+  const std::optional<Product> projection = w_hr ? std::optional<Product>(std::in_place, *w_hr, rows)
+                                                 : std::nullopt;
   for (int64_t k = steps.count() - 1; k >= 0; --k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;

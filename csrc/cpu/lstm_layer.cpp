@@ -77,39 +77,46 @@ __attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int trans
                                                const float* a, int lda, const float* b, int ldb, float beta, float* c,
                                                int ldc);
 }
-constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;  // CBLAS_LAYOUT, ..._TRANSPOSE, ...
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;  // CBLAS_LAYOUT, ..._TRANSPOSE, ...
 
-// The Product of csrc/lstm_layer_loop.h: MKL's packed GEMM for float32, ATen's otherwise.
+// The Product of csrc/lstm_layer_loop.h: MKL's packed GEMM for float32, ATen's otherwise. MKL packs w (k, cols)
+// from either layout, row-major or the transposed view of a row-major (cols, k) weight, so no transposed copy
+// of the weight is made first.
 class CpuProduct {
  public:
-  CpuProduct(at::Tensor w, int64_t rows) : aten_(w, rows), k_(w.size(0)), cols_(w.size(1)) {  // w: (k, cols)
+  CpuProduct(const at::Tensor& w, int64_t rows) : k_(w.size(0)), cols_(w.size(1)) {
     const bool mkl = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
-    if (!mkl || w.scalar_type() != at::kFloat || k_ == 0 || cols_ == 0 || rows == 0 || k_ > INT32_MAX ||
-        cols_ > INT32_MAX || rows > INT32_MAX) {
+    const bool row_major = w.stride(1) == 1 && w.stride(0) == cols_;
+    const bool transposed = w.stride(0) == 1 && w.stride(1) == k_;
+    if (!mkl || w.scalar_type() != at::kFloat || !(row_major || transposed) || k_ == 0 || cols_ == 0 ||
+        rows == 0 || k_ > INT32_MAX || cols_ > INT32_MAX || rows > INT32_MAX) {
+      aten_.emplace(w, rows);
       return;
     }
     const int m = static_cast<int>(rows);
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, m, cols_, k_);
     packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, w.options());
-    cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, m, cols_, k_, 1.f, w.const_data_ptr<float>(), cols_,
-                     packed_.data_ptr<float>());
+    cblas_sgemm_pack(kRowMajor, kBMatrix, row_major ? kNoTrans : kTrans, m, cols_, k_, 1.f,
+                     w.const_data_ptr<float>(), row_major ? cols_ : k_, packed_.data_ptr<float>());
   }
 
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate) const {
     const int64_t n = a.size(0);
-    if (!packed_.defined() || n > INT32_MAX || a.stride(1) != 1 || out.stride(1) != 1) {
-      return aten_(std::move(out), a, accumulate);
-    }
+    if (aten_) return (*aten_)(std::move(out), a, accumulate);
+    TORCH_INTERNAL_ASSERT(n <= INT32_MAX && a.stride(1) == 1 && out.stride(1) == 1, "CpuProduct: bad operands");
     cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, n, cols_, k_, a.const_data_ptr<float>(), a.stride(0),
                         packed_.const_data_ptr<float>(), cols_, accumulate ? 1.f : 0.f, out.data_ptr<float>(),
                         out.stride(0));
   }
 
  private:
-  AtenProduct aten_;
   int64_t k_, cols_;
-  at::Tensor packed_;  // MKL's packed copy of w, or undefined
+  std::optional<AtenProduct> aten_;  // the fallback, when MKL does not serve w
+  at::Tensor packed_;                // MKL's packed copy of w, or undefined
 };
+
+// A step's cell is split between threads from this many units (see forward in lstm_cell_kernels.h).
+constexpr int64_t kUnitsPerTask = 4096;
 
 // The cell policy of csrc/lstm_layer_loop.h for the CPU.
 struct CpuCell {
@@ -120,7 +127,7 @@ struct CpuCell {
     CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_layer_cell_fwd_cpu", [&] {
       const CellArgs<scalar_t> a{gates.const_data_ptr<scalar_t>(), nullptr, c.const_data_ptr<scalar_t>(), nullptr,
                                  gates.stride(0), 0, c.stride(0), c.size(1), static_cast<float>(clip)};
-      ctxkern::forward<scalar_t>(a, c.size(0), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>());
+      ctxkern::forward<scalar_t>(a, c.size(0), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), kUnitsPerTask);
     });
   }
 
