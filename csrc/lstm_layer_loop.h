@@ -5,9 +5,11 @@
 //
 //   struct Cell {
 //     // c_new = clamp(sigmoid(f) * c + sigmoid(i) * tanh(g), +-clip), h = sigmoid(o) * tanh(c_new), from the
-//     // pre-activations gates (n, 4H) (bias included; row stride free, last dim contiguous); c (n, H)
+//     // pre-activations gates + hidden_gates + bias: gates (n, 4H) (row stride free, last dim contiguous),
+//     // hidden_gates (n, 4H) contiguous and bias (4H,) each undefined when not to be added; c (n, H)
 //     // contiguous holds c on entry and c_new on return; h (n, H) contiguous is written.
-//     static void forward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip);
+//     static void forward(const at::Tensor& gates, const at::Tensor& hidden_gates, const at::Tensor& bias,
+//                         const at::Tensor& c, const at::Tensor& h, double clip);
 //     // The cell's backward from the same pre-activations and c_prev (n, H): dh (n, H) in; dc (n, H) holds
 //     // dc_new on entry and dc_prev on return; dgates (n, 4H) written; h (n, H) written with the forward's
 //     // h again when defined (the projection's weight gradient needs it), skipped when undefined.
@@ -151,8 +153,15 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   r.out = at::empty({N, P}, h0.options());
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // (B, P) the state, updated step by step; h_n at the end
   r.c_n = c0.clone(at::MemoryFormat::Contiguous);  // (B, H) likewise, the cell writing it in place
-  // The pre-activations start as gates_in + bias; each step then adds its h W_hh^T in place (beta = 1).
-  r.gates = bias ? at::add(gates_in, *bias) : gates_in.clone(at::MemoryFormat::Contiguous);  // (N, 4H)
+  // Training keeps the pre-activations: they start as gates_in + bias and each step adds its h W_hh^T in place
+  // (beta = 1). Inference keeps none: each step's h W_hh^T goes to one step's scratch rows, and the cell sums
+  // gates_in + that + bias as it reads them (no (N, 4H) copy of gates_in is written and read again).
+  at::Tensor hidden_gates;  // inference: (B, 4H) one step's h W_hh^T
+  if (train) {
+    r.gates = bias ? at::add(gates_in, *bias) : gates_in.clone(at::MemoryFormat::Contiguous);  // (N, 4H)
+  } else {
+    hidden_gates = at::empty({B, 4 * H}, h0.options());
+  }
   if (train) {
     r.c_prev = at::empty({N, H}, c0.options());
     r.h_prev = at::empty({N, P}, h0.options());
@@ -172,15 +181,19 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;
     at::Tensor h = r.h_n.narrow(0, 0, n), c = r.c_n.narrow(0, 0, n);
-    at::Tensor g = r.gates.narrow(0, row, n);  // (n, 4H)
+    at::Tensor out_rows = r.out.narrow(0, row, n);                  // (n, P)
+    at::Tensor cell_h = w_hr ? h_cell.narrow(0, 0, n) : out_rows;  // (n, H)
     if (train) {
       r.h_prev.narrow(0, row, n).copy_(h);
       r.c_prev.narrow(0, row, n).copy_(c);
+      at::Tensor g = r.gates.narrow(0, row, n);  // (n, 4H)
+      recurrent(g, h, /*accumulate=*/true);
+      Cell::forward(g, at::Tensor(), at::Tensor(), c, cell_h, clip);
+    } else {
+      at::Tensor hg = hidden_gates.narrow(0, 0, n);
+      recurrent(hg, h, /*accumulate=*/false);
+      Cell::forward(gates_in.narrow(0, row, n), hg, bias ? *bias : at::Tensor(), c, cell_h, clip);
     }
-    recurrent(g, h, /*accumulate=*/true);
-    at::Tensor out_rows = r.out.narrow(0, row, n);                  // (n, P)
-    at::Tensor cell_h = w_hr ? h_cell.narrow(0, 0, n) : out_rows;  // (n, H)
-    Cell::forward(g, c, cell_h, clip);
     if (w_hr) {
       at::Tensor raw = train && proj_clip ? r.proj_raw.narrow(0, row, n) : out_rows;
       (*projection)(raw, cell_h, /*accumulate=*/false);
@@ -188,7 +201,6 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
     }
     h.copy_(out_rows);
   }
-  if (!train) r.gates = at::Tensor();
   return r;
 }
 

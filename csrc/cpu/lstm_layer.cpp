@@ -24,14 +24,20 @@ namespace {
                                      AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__))
 
 // The float64 cell, one unit at a time with the same templated math (activate, cell_backward) in double.
-void forward_double(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip) {
+void forward_double(const at::Tensor& gates, const at::Tensor& hidden_gates, const at::Tensor& bias,
+                    const at::Tensor& c, const at::Tensor& h, double clip) {
   const int64_t n = c.size(0), H = c.size(1), gs = gates.stride(0);
   const double* g = gates.const_data_ptr<double>();
+  const double* hg = hidden_gates.defined() ? hidden_gates.const_data_ptr<double>() : nullptr;
+  const double* bp = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
   double* cp = c.data_ptr<double>();
   double* hp = h.data_ptr<double>();
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t j = 0; j < H; ++j) {
-      const std::array<double, 4> pre{g[b * gs + j], g[b * gs + H + j], g[b * gs + 2 * H + j], g[b * gs + 3 * H + j]};
+      std::array<double, 4> pre;
+      for (int k = 0; k < 4; ++k) {
+        pre[k] = g[b * gs + k * H + j] + (hg ? hg[b * 4 * H + k * H + j] : 0.0) + (bp ? bp[k * H + j] : 0.0);
+      }
       const Activations<double> a = activate(pre, cp[b * H + j], clip);
       hp[b * H + j] = a.o * a.tanh_c;
       cp[b * H + j] = clamp_to(a.c_raw, clip);
@@ -122,11 +128,20 @@ constexpr int64_t kUnitsPerTask = 4096;
 struct CpuCell {
   using Product = CpuProduct;
 
-  static void forward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip) {
-    if (c.scalar_type() == at::kDouble) return forward_double(gates, c, h, clip);
+  static void forward(const at::Tensor& gates, const at::Tensor& hidden_gates, const at::Tensor& bias,
+                      const at::Tensor& c, const at::Tensor& h, double clip) {
+    if (c.scalar_type() == at::kDouble) return forward_double(gates, hidden_gates, bias, c, h, clip);
     CTXKERN_DISPATCH_FLOAT_TYPES(c.scalar_type(), "lstm_layer_cell_fwd_cpu", [&] {
-      const CellArgs<scalar_t> a{gates.const_data_ptr<scalar_t>(), nullptr, c.const_data_ptr<scalar_t>(), nullptr,
-                                 gates.stride(0), 0, c.stride(0), c.size(1), static_cast<float>(clip)};
+      const bool hg = hidden_gates.defined();
+      const CellArgs<scalar_t> a{gates.const_data_ptr<scalar_t>(),
+                                 hg ? hidden_gates.const_data_ptr<scalar_t>() : nullptr,
+                                 c.const_data_ptr<scalar_t>(),
+                                 bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                 gates.stride(0),
+                                 hg ? hidden_gates.stride(0) : 0,
+                                 c.stride(0),
+                                 c.size(1),
+                                 static_cast<float>(clip)};
       ctxkern::forward<scalar_t>(a, c.size(0), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), kUnitsPerTask);
     });
   }

@@ -494,12 +494,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cuda(
 struct CudaCell {
   using Product = ctxkern::AtenProduct;  // cuBLAS through ATen: nothing to prepare
 
-  static void forward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h, double clip) {
+  static void forward(const at::Tensor& gates, const at::Tensor& hidden_gates, const at::Tensor& bias,
+                      const at::Tensor& c, const at::Tensor& h, double clip) {
     const int64_t n = c.size(0), H = c.size(1);
-    check_cuda(ctxkern::cuda::lstm_cell_fwd_launch(storage_dtype(c), gates.data_ptr(), row_stride(gates), nullptr, 0,
-                                                   c.data_ptr(), row_stride(c), nullptr, h.data_ptr(), c.data_ptr(),
-                                                   n, H, static_cast<float>(clip),
-                                                   c10::cuda::getCurrentCUDAStream()),
+    const bool hg = hidden_gates.defined();
+    check_cuda(ctxkern::cuda::lstm_cell_fwd_launch(
+                   storage_dtype(c), gates.data_ptr(), row_stride(gates), hg ? hidden_gates.data_ptr() : nullptr,
+                   hg ? row_stride(hidden_gates) : 0, c.data_ptr(), row_stride(c),
+                   bias.defined() ? bias.data_ptr() : nullptr, h.data_ptr(), c.data_ptr(), n, H,
+                   static_cast<float>(clip), c10::cuda::getCurrentCUDAStream()),
                "lstm_layer cell forward kernel launch");
   }
 
