@@ -135,7 +135,7 @@ CellArgs<T> cell_args(const at::Tensor& ig, const at::Tensor& hg, const at::Tens
 
 // units_per_task: the least work worth a thread of its own. 16K units for a call on its own (waking a sleeping
 // thread costs more than a smaller cell); the LSTM layer's loop, whose threads are awake between the steps'
-// products, splits from 4K ((16, 512) in two halves: 0.79x -> 0.8x torch's oneDNN LSTM at I128 H512 B16).
+// products, splits from 4K (a (16, 512) step in two halves).
 template <typename T>
 void forward(const CellArgs<T>& a, int64_t B, T* h, T* c_new,  // h, c_new: (B, H) contiguous
              int64_t units_per_task = 16384) {
@@ -166,22 +166,28 @@ void forward(const CellArgs<T>& a, int64_t B, T* h, T* c_new,  // h, c_new: (B, 
   });
 }
 
+// A tile is one column block of every row when dbias is summed (in row order, see above), else of one row: the
+// LSTM layer's loop sums dbias itself, and its steps' few rows and H of one or two blocks then still split.
+// units_per_task as in forward.
 template <typename T>
 void backward(const CellArgs<T>& a, int64_t B, const T* dh, int64_t dh_stride,  // dh: (B, H)
               const T* dc_new, int64_t dc_new_stride,                           // dc_new: (B, H)
               T* dgates, T* dc, T* dbias,  // dgates (B, 4H), dc (B, H) contiguous; dbias (4H,) or null
-              T* h_out = nullptr) {        // (B, H) contiguous: the forward's h again, or null
+              T* h_out = nullptr,          // (B, H) contiguous: the forward's h again, or null
+              int64_t units_per_task = 16384) {
   const int64_t H = a.H;
   const int64_t blocks = (H + kBwdColBlock - 1) / kBwdColBlock;
+  const int64_t tile_rows = dbias ? B : 1, row_tiles = (B + tile_rows - 1) / tile_rows;
   const Vec clip(a.clip);
-  // At least ~16K units per task, as in the forward: a small cell is not worth waking a second thread for.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * kBwdColBlock));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t tile_units = std::max<int64_t>(1, tile_rows * std::min(H, kBwdColBlock));
+  const int64_t grain = std::max<int64_t>(1, units_per_task / tile_units);
+  at::parallel_for(0, blocks * row_tiles, grain, [&](int64_t begin, int64_t end) {
     std::array<float, 4 * kBwdColBlock> dbias_acc;  // gate k, column j0 + u at k * kBwdColBlock + u
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t blk = tile / row_tiles, b0 = (tile % row_tiles) * tile_rows, b1 = std::min(B, b0 + tile_rows);
       const int64_t j0 = blk * kBwdColBlock, j1 = std::min(H, j0 + kBwdColBlock);
       dbias_acc.fill(0.f);
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const T* c_row = a.c + b * a.c_stride;
         const T* dh_row = dh + b * dh_stride;
         const T* dcn_row = dc_new + b * dc_new_stride;

@@ -154,7 +154,8 @@ struct CpuCell {
                                  nullptr, gates.stride(0), 0, c_prev.stride(0), dc.size(1), static_cast<float>(clip)};
       ctxkern::backward<scalar_t>(a, dc.size(0), dh.const_data_ptr<scalar_t>(), dh.stride(0),
                                   dc.const_data_ptr<scalar_t>(), dc.stride(0), dgates.data_ptr<scalar_t>(),
-                                  dc.data_ptr<scalar_t>(), nullptr, h.defined() ? h.data_ptr<scalar_t>() : nullptr);
+                                  dc.data_ptr<scalar_t>(), nullptr, h.defined() ? h.data_ptr<scalar_t>() : nullptr,
+                                  kUnitsPerTask);
     });
   }
 };
