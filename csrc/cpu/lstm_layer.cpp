@@ -79,11 +79,34 @@ extern "C" {
 __attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
 __attribute__((weak)) void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
                                             const float* src, int ld, float* dest);
+__attribute__((weak)) int MKL_Set_Num_Threads_Local(int threads);  // returns the previous setting (0: global)
 __attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
                                                const float* a, int lda, const float* b, int ldb, float beta, float* c,
                                                int ldc);
 }
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;  // CBLAS_LAYOUT, ..._TRANSPOSE, ...
+
+// A product smaller than this many multiply-adds runs on the calling thread alone: MKL's threads cost more than
+// they save there (1 x 128 @ 128 x 512, the recurrence of a batch of one: MKL's GEMV spent more time in
+// OpenMP's fork and join than in the product).
+constexpr int64_t kThreadedMacs = int64_t{1} << 18;
+
+// MKL on one thread for the scope when `single` (and MKL can be told), its previous setting restored after.
+class OneMklThreadIf {
+ public:
+  explicit OneMklThreadIf(bool single) : set_(single && MKL_Set_Num_Threads_Local) {
+    if (set_) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneMklThreadIf() {
+    if (set_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  OneMklThreadIf(const OneMklThreadIf&) = delete;
+  OneMklThreadIf& operator=(const OneMklThreadIf&) = delete;
+
+ private:
+  bool set_;
+  int previous_ = 0;
+};
 
 // The Product of csrc/lstm_layer_loop.h: MKL's packed GEMM for float32, ATen's otherwise. MKL packs w (k, cols)
 // from either layout, row-major or the transposed view of a row-major (cols, k) weight, so no transposed copy
@@ -108,6 +131,7 @@ class CpuProduct {
 
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate) const {
     const int64_t n = a.size(0);
+    const OneMklThreadIf single(n * k_ * cols_ < kThreadedMacs);
     if (aten_) return (*aten_)(std::move(out), a, accumulate);
     TORCH_INTERNAL_ASSERT(n <= INT32_MAX && a.stride(1) == 1 && out.stride(1) == 1, "CpuProduct: bad operands");
     cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, n, cols_, k_, a.const_data_ptr<float>(), a.stride(0),
