@@ -71,37 +71,37 @@ class PromptTree(NamedTuple):
         return attend
 
 
-def prompt_tree(rows: list[list[int]], device: torch.device) -> PromptTree:
-    """rows: each prompt's token ids up to and including its pooled token (none empty)."""
-    children: dict[tuple[int, int], int] = {}          # (parent node or -1, token) -> node
-    tokens: list[int] = []
-    positions: list[int] = []
-    paths: list[list[int]] = []
-    added: list[int] = []                               # the nodes each prompt adds: always its path's last ones
-    for row in rows:
-        before, node, path = len(tokens), -1, []
-        for position, token in enumerate(row):
-            node = children.setdefault((node, token), len(tokens))
-            if node == len(tokens):
-                tokens.append(token)
-                positions.append(position)
-            path.append(node)
-        paths.append(path)
-        added.append(len(tokens) - before)
-    segments = [(path, n) for path, n in zip(paths, added) if n]      # a prompt already in the tree adds none
+def prompt_tree(input_ids: Tensor, lengths: Tensor) -> PromptTree:
+    """input_ids (B, S), lengths (B,) >= 1: each prompt is its first lengths[b] ids (up to its pooled token).
+
+    Vectorized over the (B, S) ids, with the prompts in lexicographic order: there each prompt's longest common
+    beginning with any earlier one is the one with its predecessor (lcp), so it adds the nodes from position lcp
+    on, and the node at a shared position p is the one the last prompt up to it with lcp <= p added."""
+    device = input_ids.device
+    ids, lengths = input_ids.cpu(), lengths.cpu().long()
+    batch, width = ids.shape
+    rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+    order = torch.tensor(sorted(range(batch), key=rows.__getitem__), dtype=torch.long)
+    ids, lengths = ids[order], lengths[order]
+    position = torch.arange(width)
+    valid = position < lengths[:, None]                                             # (B, S)
+    same = (ids[1:] == ids[:-1]) & valid[1:] & valid[:-1]
+    lcp = F.pad(same.long().cumprod(1).sum(1), (1, 0))                              # (B,) with the previous
+    new = valid & (position >= lcp[:, None])                                        # the nodes each one adds
+    new_id = new.flatten().cumsum(0).view(batch, width) - 1
+    creator = torch.where(lcp[:, None] <= position, torch.arange(batch)[:, None], 0).cummax(0).values
+    node = new_id[creator, position]                                                # (B, S) where valid
+    added = new.sum(1)
+    adds = added > 0                                                                # a duplicate adds none
+    unsorted = order.argsort()                                                      # back to the batch order
+    node_b, valid_b, lengths_b = node[unsorted], valid[unsorted], lengths[unsorted]
+
+    def cumulative(counts: Tensor) -> Tensor:
+        return F.pad(counts.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+
     return PromptTree(
-        tokens=torch.tensor(tokens, device=device), positions=torch.tensor(positions, device=device),
-        cu_seqlens_q=_cumulative([n for _, n in segments], device),
-        kv_index=_flat([path for path, _ in segments], device),
-        cu_seqlens_k=_cumulative([len(path) for path, _ in segments], device),
-        max_seqlen_q=max(n for _, n in segments), max_seqlen_k=max(len(path) for path, _ in segments),
-        path_index=_flat(paths, device), cu_paths=_cumulative([len(path) for path in paths], device),
-        pooled=torch.tensor([path[-1] for path in paths], device=device))
-
-
-def _cumulative(lengths: list[int], device: torch.device) -> Tensor:
-    return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
-
-
-def _flat(lists: list[list[int]], device: torch.device) -> Tensor:
-    return torch.tensor([n for nodes in lists for n in nodes], dtype=torch.long, device=device)
+        tokens=ids[new].to(device), positions=position.expand(batch, width)[new].to(device),
+        cu_seqlens_q=cumulative(added[adds]), kv_index=node[adds][valid[adds]].to(device),
+        cu_seqlens_k=cumulative(lengths[adds]), max_seqlen_q=int(added.max()),
+        max_seqlen_k=int(lengths[adds].max()), path_index=node_b[valid_b].to(device),
+        cu_paths=cumulative(lengths_b), pooled=node_b[torch.arange(batch), lengths_b - 1].to(device))

@@ -175,8 +175,7 @@ class ClipTextTower(torch.nn.Module):
     def _packed(self, input_ids: Tensor, upto_pooled: Tensor) -> Tensor:
         """Each row's tokens up to its pooled one, a prefix the rows share computed once (models/_prompt_tree.py):
         exact, as causal attention lets neither a later token nor another prompt reach the pooled one."""
-        rows = [row[:n] for row, n in zip(input_ids.tolist(), upto_pooled.sum(1).tolist())]
-        tree = prompt_tree(rows, input_ids.device)
+        tree = prompt_tree(input_ids, upto_pooled.sum(1))
         residual, delta = self.position_embedding(tree.positions), self.token_embedding(tree.tokens)  # (N, W)
         total = len(residual)
         if len(self.layers) > 1:
