@@ -167,11 +167,12 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   // Training keeps the pre-activations: they start as gates_in + bias and each step adds its h W_hh^T in place
   // (beta = 1). Inference keeps none: each step's h W_hh^T goes to one step's scratch rows, and the cell sums
   // gates_in + that + bias as it reads them (no (N, 4H) copy of gates_in is written and read again).
-  at::Tensor hidden_gates;  // inference: (B, 4H) one step's h W_hh^T
+  at::Tensor hidden_gates, cell_bias;  // inference: (B, 4H) one step's h W_hh^T; the bias, contiguous
   if (train) {
     r.gates = bias ? at::add(gates_in, *bias) : gates_in.clone(at::MemoryFormat::Contiguous);  // (N, 4H)
   } else {
     hidden_gates = at::empty({B, 4 * H}, h0.options());
+    if (bias) cell_bias = bias->contiguous();
   }
   if (train) {
     r.c_prev = at::empty({N, H}, c0.options());
@@ -204,7 +205,7 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
     } else {
       at::Tensor hg = hidden_gates.narrow(0, 0, n);
       recurrent(hg, h, /*accumulate=*/false);
-      Cell::forward(gates_in.narrow(0, row, n), hg, bias ? *bias : at::Tensor(), c, cell_h, clip);
+      Cell::forward(gates_in.narrow(0, row, n), hg, cell_bias, c, cell_h, clip);
     }
     if (w_hr) {
       at::Tensor raw = train && proj_clip ? r.proj_raw.narrow(0, row, n) : out_rows;

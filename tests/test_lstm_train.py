@@ -259,6 +259,28 @@ def test_layer_operators_opcheck(proj, device):
                                 proj_clip, False))
 
 
+@pytest.mark.parametrize("proj", [True, False], ids=["proj", "no_proj"])
+def test_inference_operator_takes_strided_operands(proj):
+    """lstm_layer_fwd reads gates_in in place and the bias as given: strided ones (a row stride past 4H, a bias
+    with a step) give the results of their contiguous copies, and equal the training operator's outputs."""
+    gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse = _layer_args(proj=proj)
+    wide = torch.randn(gates_in.shape[0], gates_in.shape[1] + 3)
+    wide[:, :gates_in.shape[1]] = gates_in
+    stepped = torch.randn(2 * bias.numel())
+    stepped[::2] = bias
+    strided = (wide[:, :gates_in.shape[1]], stepped[::2])
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    plain = torch.ops.ctxkern.lstm_layer_fwd(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip,
+                                             reverse)
+    got = torch.ops.ctxkern.lstm_layer_fwd(strided[0], batch_sizes, h0, c0, w_hh, w_hr, strided[1], cell_clip,
+                                           proj_clip, reverse)
+    train = torch.ops.ctxkern.lstm_layer_fwd_train(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip,
+                                                   proj_clip, reverse)[:3]
+    for a, b, c in zip(got, plain, train):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
 def test_layer_operators_name_the_bad_argument():
     fwd, bwd = torch.ops.ctxkern.lstm_layer_fwd_train, torch.ops.ctxkern.lstm_layer_bwd
     gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip, proj_clip, reverse = _layer_args()
