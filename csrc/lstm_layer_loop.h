@@ -155,6 +155,9 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
                                     std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse,
                                     bool train, at::DeviceType device) {
+  // A kernel's own ATen calls (narrow, copies, products) skip autograd's view and version tracking, which made
+  // each narrowed view cost about a microsecond: a step of a small layer takes a few.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [H, P] = check_lstm_layer_fwd_args(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip,
                                                 proj_clip, device);
   const int64_t B = h0.size(0), N = gates_in.size(0);
@@ -226,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& c_prev, const at::Tensor& h_prev, const at::Tensor& proj_raw, at::IntArrayRef batch_sizes,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool has_bias, std::optional<double> cell_clip,
     std::optional<double> proj_clip, bool reverse, at::DeviceType device) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in lstm_layer_forward
   TORCH_CHECK(dh_n.dim() == 2, "dh_n must be 2-D (B, P), got shape ", dh_n.sizes());
   const int64_t B = dh_n.size(0), N = gates.size(0);
   const auto [H, P] = check_lstm_layer_common(gates, "gates", batch_sizes, B, w_hh, w_hr, cell_clip, proj_clip,

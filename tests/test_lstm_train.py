@@ -305,3 +305,26 @@ def test_layer_operators_name_the_bad_argument():
         bwd(dout, dh_n, dc_n, gates, c_prev.double(), h_prev, proj_raw, batch_sizes, w_hh, w_hr, True, 0.5, 0.4, True)
     with pytest.raises(RuntimeError, match="batch_sizes must sum to gates's rows"):
         bwd(dout, dh_n, dc_n, gates, c_prev, h_prev, proj_raw, [3, 2], w_hh, w_hr, True, 0.5, 0.4, True)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(proj_size=19), dict(num_layers=2, bidirectional=True, proj_size=19)],
+                         ids=["1layer", "proj", "bi-proj"])
+def test_batch_of_one_matches_float64_torch_lstm(config):
+    """A batch of one runs its products as matrix-vector products of its own (csrc/cpu/lstm_layer.cpp's
+    one_row_product, both weight layouts: the forward's transposed views, the backward's row-major weights),
+    at sizes with whole vectors and a tail (hidden 37, projection 19)."""
+    theirs = torch.nn.LSTM(24, 37, dtype=torch.float64, **config)
+    ours = ctxkern.nn.LSTM(24, 37, backend="cpu", **config)
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 1, 24, generator=g, requires_grad=True)
+    with torch.no_grad():
+        inferred = ours(x)
+    out, (h_n, c_n) = ours(x)
+    want, (want_h, want_c) = theirs(x.detach().double().requires_grad_())
+    for a, b in zip((inferred[0], *inferred[1], out, h_n, c_n), (want, want_h, want_c) * 2):
+        assert_fp32_close(a, b)
+    got = torch.autograd.grad(loss_of((out, h_n, c_n)), [*ours.parameters()])
+    expected = torch.autograd.grad(loss_of((want, want_h, want_c)), [*theirs.parameters()])
+    for a, b in zip(got, expected, strict=True):
+        assert_fp32_close(a, b)

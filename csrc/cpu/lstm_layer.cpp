@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -108,6 +109,44 @@ class OneMklThreadIf {
   int previous_ = 0;
 };
 
+// out (cols,) = a (k,) @ w (+ out when accumulating), w (k, cols) either row-major (sums of a[r] w[r, :]) or the
+// transposed view of a row-major (cols, k) weight (a dot product per output); a fixed order per output, so the
+// result is deterministic. Products of one row a step (a batch of one) run here: MKL would pack the weight for
+// as long as 20 steps' products take at H = 128, then run a matrix-vector product on the packed copy anyway.
+void one_row_product(const float* a, const at::Tensor& w, bool transposed, float* out, bool accumulate) {
+  const int64_t k = w.size(0), cols = w.size(1);
+  const float* wp = w.const_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(kVec, kThreadedMacs / std::max<int64_t>(1, k));  // outputs a task
+  at::parallel_for(0, cols, grain, [&](int64_t c0, int64_t c1) {
+    if (transposed) {
+      int64_t c = c0;
+      for (; c + 4 <= c1; c += 4) {  // four dot products at once: independent chains, each load of a shared
+        std::array<Vec, 4> acc{Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+        int64_t j = 0;
+        for (; j + kVec <= k; j += kVec) {
+          const Vec av = Vec::loadu(a + j);
+          for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(av, Vec::loadu(wp + (c + u) * k + j), acc[u]);
+        }
+        for (int u = 0; u < 4; ++u) {
+          float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc[u]);
+          for (int64_t t = j; t < k; ++t) sum += a[t] * wp[(c + u) * k + t];
+          out[c + u] = (accumulate ? out[c + u] : 0.f) + sum;
+        }
+      }
+      for (; c < c1; ++c) out[c] = (accumulate ? out[c] : 0.f) + dot(a, wp + c * k, k);
+      return;
+    }
+    if (!accumulate) std::fill(out + c0, out + c1, 0.f);
+    for (int64_t r = 0; r < k; ++r) {
+      const float* row = wp + r * cols;
+      const Vec ar(a[r]);
+      int64_t c = c0;
+      for (; c + kVec <= c1; c += kVec) at::vec::fmadd(ar, Vec::loadu(row + c), Vec::loadu(out + c)).store(out + c);
+      for (; c < c1; ++c) out[c] += a[r] * row[c];
+    }
+  });
+}
+
 // The Product of csrc/lstm_layer_loop.h: MKL's packed GEMM for float32, ATen's otherwise. MKL packs w (k, cols)
 // from either layout, row-major or the transposed view of a row-major (cols, k) weight, so no transposed copy
 // of the weight is made first.
@@ -117,6 +156,11 @@ class CpuProduct {
     const bool mkl = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
     const bool row_major = w.stride(1) == 1 && w.stride(0) == cols_;
     const bool transposed = w.stride(0) == 1 && w.stride(1) == k_;
+    if (rows == 1 && w.scalar_type() == at::kFloat && (row_major || transposed)) {
+      one_row_ = w;
+      transposed_ = transposed && !row_major;
+      return;
+    }
     if (!mkl || w.scalar_type() != at::kFloat || !(row_major || transposed) || k_ == 0 || cols_ == 0 ||
         rows == 0 || k_ > INT32_MAX || cols_ > INT32_MAX || rows > INT32_MAX) {
       aten_.emplace(w, rows);
@@ -131,7 +175,11 @@ class CpuProduct {
 
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate) const {
     const int64_t n = a.size(0);
+    if (one_row_.defined() && n == 1 && a.stride(1) == 1 && out.stride(1) == 1) {
+      return one_row_product(a.const_data_ptr<float>(), one_row_, transposed_, out.data_ptr<float>(), accumulate);
+    }
     const OneMklThreadIf single(n * k_ * cols_ < kThreadedMacs);
+    if (one_row_.defined()) return AtenProduct(one_row_, n)(std::move(out), a, accumulate);  // other operands
     if (aten_) return (*aten_)(std::move(out), a, accumulate);
     TORCH_INTERNAL_ASSERT(n <= INT32_MAX && a.stride(1) == 1 && out.stride(1) == 1, "CpuProduct: bad operands");
     cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, n, cols_, k_, a.const_data_ptr<float>(), a.stride(0),
@@ -141,6 +189,8 @@ class CpuProduct {
 
  private:
   int64_t k_, cols_;
+  at::Tensor one_row_;               // w itself, for products of one row (one_row_product)
+  bool transposed_ = false;          // one_row_ is a transposed view
   std::optional<AtenProduct> aten_;  // the fallback, when MKL does not serve w
   at::Tensor packed_;                // MKL's packed copy of w, or undefined
 };
