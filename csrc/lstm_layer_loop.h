@@ -74,6 +74,23 @@ class AtenProduct {
 
 inline double lstm_clip_bound(std::optional<double> clip) { return clip ? *clip : INFINITY; }
 
+// dst.add_(src) for the loop's row blocks (same shape and dtype): a plain loop on contiguous float32 or float64
+// CPU tensors, for the reason copy_rows gives.
+inline void add_rows(at::Tensor& dst, const at::Tensor& src) {
+  const bool plain = dst.is_cpu() && src.is_cpu() && dst.is_contiguous() && src.is_contiguous();
+  if (plain && dst.scalar_type() == at::kFloat) {
+    float* d = dst.data_ptr<float>();
+    const float* s = src.const_data_ptr<float>();
+    for (int64_t i = 0, n = dst.numel(); i < n; ++i) d[i] += s[i];
+  } else if (plain && dst.scalar_type() == at::kDouble) {
+    double* d = dst.data_ptr<double>();
+    const double* s = src.const_data_ptr<double>();
+    for (int64_t i = 0, n = dst.numel(); i < n; ++i) d[i] += s[i];
+  } else {
+    dst.add_(src);
+  }
+}
+
 // dst.copy_(src) for the loop's row blocks (same shape and dtype): a memcpy when both are contiguous on the CPU,
 // since copy_'s TensorIterator costs a few microseconds a call, as much as a whole step of a small layer.
 inline void copy_rows(at::Tensor& dst, const at::Tensor& src) {
@@ -262,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;
     at::Tensor dy = dh.narrow(0, 0, n);  // (n, P): the gradient of this step's output h, out's and the state's
-    dy.add_(dout.narrow(0, row, n));
+    add_rows(dy, dout.narrow(0, row, n));
     if (proj_clip) dy.masked_fill_(proj_raw.narrow(0, row, n).abs() > *proj_clip, 0);  // torch.clamp's gradient
     at::Tensor dcell = dy;  // (n, H): the gradient of the cell's h
     if (w_hr) {

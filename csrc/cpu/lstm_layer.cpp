@@ -136,13 +136,27 @@ void one_row_product(const float* a, const at::Tensor& w, bool transposed, float
       for (; c < c1; ++c) out[c] = (accumulate ? out[c] : 0.f) + dot(a, wp + c * k, k);
       return;
     }
-    if (!accumulate) std::fill(out + c0, out + c1, 0.f);
-    for (int64_t r = 0; r < k; ++r) {
-      const float* row = wp + r * cols;
-      const Vec ar(a[r]);
-      int64_t c = c0;
-      for (; c + kVec <= c1; c += kVec) at::vec::fmadd(ar, Vec::loadu(row + c), Vec::loadu(out + c)).store(out + c);
-      for (; c < c1; ++c) out[c] += a[r] * row[c];
+    constexpr int64_t kBlock = 8;  // vectors of outputs summed in registers over all k rows
+    int64_t c = c0;
+    for (; c + kVec <= c1; c += kBlock * kVec) {
+      const int64_t vectors = std::min<int64_t>(kBlock, (c1 - c) / kVec);
+      std::array<Vec, kBlock> acc;
+      for (int64_t u = 0; u < vectors; ++u) acc[u] = accumulate ? Vec::loadu(out + c + u * kVec) : Vec(0.f);
+      for (int64_t r = 0; r < k; ++r) {
+        const Vec ar(a[r]);
+        const float* row = wp + r * cols + c;
+        for (int64_t u = 0; u < vectors; ++u) acc[u] = at::vec::fmadd(ar, Vec::loadu(row + u * kVec), acc[u]);
+      }
+      for (int64_t u = 0; u < vectors; ++u) acc[u].store(out + c + u * kVec);
+      if (vectors < kBlock) {
+        c += vectors * kVec;
+        break;
+      }
+    }
+    for (; c < c1; ++c) {
+      float sum = accumulate ? out[c] : 0.f;
+      for (int64_t r = 0; r < k; ++r) sum += a[r] * wp[r * cols + c];
+      out[c] = sum;
     }
   });
 }
