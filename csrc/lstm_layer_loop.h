@@ -78,17 +78,15 @@ inline double lstm_clip_bound(std::optional<double> clip) { return clip ? *clip 
 // CPU tensors, for the reason copy_rows gives.
 inline void add_rows(at::Tensor& dst, const at::Tensor& src) {
   const bool plain = dst.is_cpu() && src.is_cpu() && dst.is_contiguous() && src.is_contiguous();
-  if (plain && dst.scalar_type() == at::kFloat) {
-    float* d = dst.data_ptr<float>();
-    const float* s = src.const_data_ptr<float>();
-    for (int64_t i = 0, n = dst.numel(); i < n; ++i) d[i] += s[i];
-  } else if (plain && dst.scalar_type() == at::kDouble) {
-    double* d = dst.data_ptr<double>();
-    const double* s = src.const_data_ptr<double>();
-    for (int64_t i = 0, n = dst.numel(); i < n; ++i) d[i] += s[i];
-  } else {
+  if (!plain || (dst.scalar_type() != at::kFloat && dst.scalar_type() != at::kDouble)) {
     dst.add_(src);
+    return;
   }
+  AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "lstm_layer add_rows", [&] {
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = dst.numel(); i < n; ++i) d[i] += s[i];
+  });
 }
 
 // dst.copy_(src) for the loop's row blocks (same shape and dtype): a memcpy when both are contiguous on the CPU,
@@ -190,14 +188,12 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   at::Tensor hidden_gates, cell_bias;  // inference: (B, 4H) one step's h W_hh^T; the bias, contiguous
   if (train) {
     r.gates = bias ? at::add(gates_in, *bias) : gates_in.clone(at::MemoryFormat::Contiguous);  // (N, 4H)
-  } else {
-    hidden_gates = at::empty({B, 4 * H}, h0.options());
-    if (bias) cell_bias = bias->contiguous();
-  }
-  if (train) {
     r.c_prev = at::empty({N, H}, c0.options());
     r.h_prev = at::empty({N, P}, h0.options());
     r.proj_raw = at::empty({proj_clip ? N : 0, P}, h0.options());
+  } else {
+    hidden_gates = at::empty({B, 4 * H}, h0.options());
+    if (bias) cell_bias = bias->contiguous();
   }
   at::Tensor h_cell = w_hr ? at::empty({B, H}, c0.options()) : at::Tensor();  // (B, H) before the projection
   // The products by the weights' transposes: AtenProduct makes each a contiguous copy, so that h (n, P) @ w_hh^T

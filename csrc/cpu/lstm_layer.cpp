@@ -28,6 +28,7 @@ namespace {
 void forward_double(const at::Tensor& gates, const at::Tensor& hidden_gates, const at::Tensor& bias,
                     const at::Tensor& c, const at::Tensor& h, double clip) {
   const int64_t n = c.size(0), H = c.size(1), gs = gates.stride(0);
+  const int64_t hgs = hidden_gates.defined() ? hidden_gates.stride(0) : 0;
   const double* g = gates.const_data_ptr<double>();
   const double* hg = hidden_gates.defined() ? hidden_gates.const_data_ptr<double>() : nullptr;
   const double* bp = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
@@ -37,7 +38,7 @@ void forward_double(const at::Tensor& gates, const at::Tensor& hidden_gates, con
     for (int64_t j = 0; j < H; ++j) {
       std::array<double, 4> pre;
       for (int k = 0; k < 4; ++k) {
-        pre[k] = g[b * gs + k * H + j] + (hg ? hg[b * 4 * H + k * H + j] : 0.0) + (bp ? bp[k * H + j] : 0.0);
+        pre[k] = g[b * gs + k * H + j] + (hg ? hg[b * hgs + k * H + j] : 0.0) + (bp ? bp[k * H + j] : 0.0);
       }
       const Activations<double> a = activate(pre, cp[b * H + j], clip);
       hp[b * H + j] = a.o * a.tanh_c;
@@ -74,8 +75,9 @@ void backward_double(const at::Tensor& gates, const at::Tensor& c_prev, const at
 // and each step's product reads the packed copy instead of repacking the weight, a gain of up to ~20% at the
 // recurrence's few rows (16 x 512 @ 512 x 2048). The packing is for the call's largest row count: MKL lays the
 // packed copy out for the m it is given, and one packed for m = 1 made the products of 16 rows 1.46x slower
-// (16 x 512 @ 512 x 2048: 258 against 177 us a step, two threads; 32 x 256 @ 256 x 1024: 1.28x). Weak references: without these symbols (a torch built without
-// MKL) they are null and the products go through ATen. LP64 signatures (MKL_INT = int; the enums are ints).
+// (16 x 512 @ 512 x 2048: 258 against 177 us a step, two threads; 32 x 256 @ 256 x 1024: 1.28x). Weak
+// references: without these symbols (a torch built without MKL) they are null and the products go through
+// ATen. LP64 signatures (MKL_INT = int; the enums are ints).
 extern "C" {
 __attribute__((weak)) size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
 __attribute__((weak)) void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
@@ -85,7 +87,8 @@ __attribute__((weak)) void cblas_sgemm_compute(int layout, int transa, int trans
                                                const float* a, int lda, const float* b, int ldb, float beta, float* c,
                                                int ldc);
 }
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;  // CBLAS_LAYOUT, ..._TRANSPOSE, ...
+// CBLAS_LAYOUT, CBLAS_TRANSPOSE, CBLAS_STORAGE and CBLAS_IDENTIFIER values.
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
 
 // A product smaller than this many multiply-adds runs on the calling thread alone: MKL's threads cost more than
 // they save there (1 x 128 @ 128 x 512, the recurrence of a batch of one: MKL's GEMV spent more time in

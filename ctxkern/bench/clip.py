@@ -1,13 +1,14 @@
 """CLIP's towers end to end: images/s of get_image_features and texts/s of get_text_features at ViT-B/32 and
 ViT-B/16 sizes (OpenAI's configurations with random weights), models.Clip against transformers' CLIPModel with
 SDPA attention on the same weights, device and dtype. Inputs: random pixel values (preprocessing is not timed);
-two batches of real-length prompts as token ids, padded to the longest with its mask, as transformers'
+three batches of real-length prompts as token ids, padded to the longest with its mask, as transformers'
 CLIPTokenizer gives them (one token per word and per punctuation mark, as CLIP's BPE mostly gives for such
 prompts; no CLIP vocabulary is bundled to tokenize them for real):
-- zero-shot prompts: Clip.zero_shot's templates times labels ("a photo of a {label}.", ...), each word one id
-  throughout, so the prompts share their beginnings as real ones do (models.Clip computes a shared beginning
-  once: models/_prompt_tree.py);
-- distinct captions: as many tokens, no two prompts sharing one past BOS (what that shortcut cannot help).
+- "a photo of a {label}." over 64 labels, and zero-shot's templates times labels in Clip.zero_shot's order:
+  each word one id throughout, so the prompts share their beginnings as real ones do (models.Clip computes a
+  shared beginning once: models/_prompt_tree.py);
+- distinct captions: the first set's lengths, no two prompts sharing a token past BOS (what that shortcut
+  cannot help).
 The check: each candidate's features against CLIPModel's in float64.
 
 TFLOP/s count the towers' useful work: per layer and token 2 * (4 W^2 + 2 W I) flops for the projections and

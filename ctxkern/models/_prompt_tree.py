@@ -30,6 +30,7 @@ class PromptTree(NamedTuple):
     max_seqlen_k: int
     path_index: Tensor      # (sum of the prompt lengths,) every prompt's path, for its pooled query alone
     cu_paths: Tensor        # int32 (B + 1,)
+    max_path: int           # the longest prompt
     pooled: Tensor          # (B,) each prompt's last node (its pooled token)
 
     @property
@@ -62,11 +63,10 @@ class PromptTree(NamedTuple):
         """Attention of each prompt's pooled query alone (q: (B, heads, head_dim), k, v: node rows) over its
         path."""
         one_each = torch.arange(len(self.pooled) + 1, dtype=torch.int32, device=self.pooled.device)
-        longest = int((self.cu_paths[1:] - self.cu_paths[:-1]).max())
 
         def attend(q, k, v):
             k, v = k.index_select(0, self.path_index), v.index_select(0, self.path_index)
-            return ops.attention_varlen(q, k, v, one_each, self.cu_paths, 1, longest, causal=True,
+            return ops.attention_varlen(q, k, v, one_each, self.cu_paths, 1, self.max_path, causal=True,
                                         backend=backend)
         return attend
 
@@ -104,4 +104,5 @@ def prompt_tree(input_ids: Tensor, lengths: Tensor) -> PromptTree:
         cu_seqlens_q=cumulative(added[adds]), kv_index=node[adds][valid[adds]].to(device),
         cu_seqlens_k=cumulative(lengths[adds]), max_seqlen_q=int(added.max()),
         max_seqlen_k=int(lengths[adds].max()), path_index=node_b[valid_b].to(device),
-        cu_paths=cumulative(lengths_b), pooled=node_b[torch.arange(batch), lengths_b - 1].to(device))
+        cu_paths=cumulative(lengths_b), max_path=int(lengths.max()),
+        pooled=node_b[torch.arange(batch), lengths_b - 1].to(device))
