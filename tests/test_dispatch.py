@@ -130,17 +130,21 @@ def _env(**overrides) -> dict:
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 build exists on x86-64 only")
-def test_the_avx2_build_passes_the_cpu_tests_too():
+@pytest.mark.parametrize("test_file,selection", [
+    ("test_layer_norm.py", "cpu-cpu or cpu_outputs or opcheck"),
+    # the cell's inlined exp and reciprocal have an AVX2 form of their own
+    ("test_lstm_cell.py", "cpu-cpu"),
+])
+def test_the_avx2_build_passes_the_cpu_tests_too(test_file, selection):
     """The widest build the CPU runs serves the other tests; this reruns the CPU-backend tests on the AVX2 one
     (on an AVX-512 machine both builds are then verified)."""
     env = _env(CTXKERN_CPU_CAPABILITY="avx2")
     probe = subprocess.run([sys.executable, "-c", "from ctxkern import _dispatch; print(_dispatch.CPU_KERNELS)"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert probe.stdout.strip() == "avx2", probe.stdout + probe.stderr
-    tests = Path(__file__).parent / "test_layer_norm.py"
+    tests = Path(__file__).parent / test_file
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
-                           "-k", "cpu-cpu or cpu_outputs or opcheck"], capture_output=True, text=True, env=env,
-                          timeout=900)
+                           "-k", selection], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
 

@@ -119,6 +119,28 @@ def test_saturated_gates_and_large_cells(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_activations_over_the_whole_float_range(backend, device):
+    """sigmoid and tanh as the cell computes them, read off c_new = sigmoid(i) * tanh(g) with the other factor
+    saturated to exactly 1: within 2e-7 of float64 over [-100, 100] (PyTorch's own float32 is within 9e-8; the
+    CPU kernels' inlined exp gives 1.1e-7), the infinities saturated exactly and NaN passed on."""
+    require_backend(backend)
+    x = torch.cat([torch.linspace(-100, 100, 20_001), torch.linspace(-3, 3, 10_001),
+                   torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    n = x.numel()
+    one = torch.full((n,), 40.0)  # sigmoid(40) and tanh(40) round to 1 in float32
+
+    def c_new(i, g):
+        ig = torch.stack([i, torch.zeros(n), g, torch.zeros(n)]).reshape(1, -1).to(device)
+        return ops.lstm_cell(ig, torch.zeros_like(ig), torch.zeros(1, n, device=device), backend=backend)[1][0].cpu()
+
+    for got, want in ((c_new(x, one), torch.sigmoid(x.double())), (c_new(one, x), torch.tanh(x.double()))):
+        finite = x.isfinite()
+        assert (got[finite].double() - want[finite]).abs().max().item() <= 2e-7
+        assert got[-3:-1].tolist() == want[-3:-1].tolist()  # +-inf: exactly 1 and 0 (sigmoid), 1 and -1 (tanh)
+        assert got[-1].isnan()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_strided_views(backend, device):
     """Rows of wider tensors (the nn.LSTM case: a step's slice of the whole input projection) and a transposed c."""
     require_backend(backend)

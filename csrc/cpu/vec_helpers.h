@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <tuple>
@@ -67,6 +68,33 @@ inline void store2(T* p, const Vec& a, const Vec& b, bool stream = false) {
     b.store(p + kVec);
   } else {
     at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// One load of T as fp32 vectors: one Vec of float, two of a 16-bit type (its Vectorized<T> widens to two). Loops
+// that step by kLanes<T> * kVec units keep a float call's live vectors half as many as two at a time would.
+template <typename T>
+constexpr int kLanes = std::is_same_v<T, float> ? 1 : 2;
+template <typename T>
+using Lanes = std::array<Vec, kLanes<T>>;
+
+template <typename T>
+inline Lanes<T> load_lanes(const T* p) {
+  if constexpr (kLanes<T> == 1) {
+    return {Vec::loadu(p)};
+  } else {
+    Lanes<T> v;
+    load2(p, v[0], v[1]);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_lanes(T* p, const Lanes<T>& v) {
+  if constexpr (kLanes<T> == 1) {
+    v[0].store(p);
+  } else {
+    store2(p, v[0], v[1]);
   }
 }
 
