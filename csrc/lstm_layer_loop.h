@@ -1,6 +1,6 @@
 // The time loop of one LSTM layer in one direction (schemas lstm_layer_fwd, lstm_layer_fwd_train and
 // lstm_layer_bwd in csrc/ops.cpp), written once for every device: the products are ATen calls (at::mm_out,
-// addmm_, on narrowed rows of preallocated buffers, so no step allocates), and the device supplies only its
+// addmm_, on row views of preallocated buffers, so no step allocates), and the device supplies only its
 // cell through a policy class:
 //
 //   struct Cell {
@@ -71,6 +71,19 @@ class AtenProduct {
  private:
   at::Tensor w_;
 };
+
+// Rows [row, row + n) of a tensor as a view: t.narrow(0, row, n) without the dispatcher. A narrow goes through
+// slice and as_strided at a few hundred nanoseconds each, and a step takes up to a dozen of them, which at B = 1
+// is a sizeable share of the step. The view shares t's storage, strides and dispatch keys; it is the loop's own
+// temporary (no autograd sees it), so it needs neither a view's autograd metadata nor its version counter.
+inline at::Tensor rows_of(const at::Tensor& t, int64_t row, int64_t n) {
+  auto view = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
+                                                   t.dtype());
+  at::DimVector sizes(t.sizes());
+  sizes[0] = n;
+  view->set_sizes_and_strides(sizes, t.strides(), t.storage_offset() + row * t.stride(0));
+  return at::Tensor(std::move(view));
+}
 
 inline double lstm_clip_bound(std::optional<double> clip) { return clip ? *clip : INFINITY; }
 
@@ -170,8 +183,8 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
                                     std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse,
                                     bool train, at::DeviceType device) {
-  // A kernel's own ATen calls (narrow, copies, products) skip autograd's view and version tracking, which made
-  // each narrowed view cost about a microsecond: a step of a small layer takes a few.
+  // A kernel's own ATen calls (copies, products) skip autograd's view and version tracking, which made each
+  // narrowed view cost about a microsecond (the rows are now rows_of views): a step of a small layer takes a few.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [H, P] = check_lstm_layer_fwd_args(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip,
                                                 proj_clip, device);
@@ -208,23 +221,23 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
   for (int64_t k = 0; k < steps.count(); ++k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;
-    at::Tensor h = r.h_n.narrow(0, 0, n), c = r.c_n.narrow(0, 0, n);
-    at::Tensor out_rows = r.out.narrow(0, row, n);                  // (n, P)
-    at::Tensor cell_h = w_hr ? h_cell.narrow(0, 0, n) : out_rows;  // (n, H)
+    at::Tensor h = rows_of(r.h_n, 0, n), c = rows_of(r.c_n, 0, n);
+    at::Tensor out_rows = rows_of(r.out, row, n);                  // (n, P)
+    at::Tensor cell_h = w_hr ? rows_of(h_cell, 0, n) : out_rows;  // (n, H)
     if (train) {
-      at::Tensor h_prev = r.h_prev.narrow(0, row, n), c_prev = r.c_prev.narrow(0, row, n);
+      at::Tensor h_prev = rows_of(r.h_prev, row, n), c_prev = rows_of(r.c_prev, row, n);
       copy_rows(h_prev, h);
       copy_rows(c_prev, c);
-      at::Tensor g = r.gates.narrow(0, row, n);  // (n, 4H)
+      at::Tensor g = rows_of(r.gates, row, n);  // (n, 4H)
       recurrent(g, h, /*accumulate=*/true);
       Cell::forward(g, at::Tensor(), at::Tensor(), c, cell_h, clip);
     } else {
-      at::Tensor hg = hidden_gates.narrow(0, 0, n);
+      at::Tensor hg = rows_of(hidden_gates, 0, n);
       recurrent(hg, h, /*accumulate=*/false);
-      Cell::forward(gates_in.narrow(0, row, n), hg, cell_bias, c, cell_h, clip);
+      Cell::forward(rows_of(gates_in, row, n), hg, cell_bias, c, cell_h, clip);
     }
     if (w_hr) {
-      at::Tensor raw = train && proj_clip ? r.proj_raw.narrow(0, row, n) : out_rows;
+      at::Tensor raw = train && proj_clip ? rows_of(r.proj_raw, row, n) : out_rows;
       (*projection)(raw, cell_h, /*accumulate=*/false);
       if (proj_clip) at::clamp_out(out_rows, raw, -*proj_clip, *proj_clip);
     }
@@ -274,19 +287,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t k = steps.count() - 1; k >= 0; --k) {
     const int64_t t = steps.at_visit(k), n = steps.sizes[t], row = steps.offsets[t];
     if (n == 0) continue;
-    at::Tensor dy = dh.narrow(0, 0, n);  // (n, P): the gradient of this step's output h, out's and the state's
-    add_rows(dy, dout.narrow(0, row, n));
-    if (proj_clip) dy.masked_fill_(proj_raw.narrow(0, row, n).abs() > *proj_clip, 0);  // torch.clamp's gradient
+    at::Tensor dy = rows_of(dh, 0, n);  // (n, P): the gradient of this step's output h, out's and the state's
+    add_rows(dy, rows_of(dout, row, n));
+    if (proj_clip) dy.masked_fill_(rows_of(proj_raw, row, n).abs() > *proj_clip, 0);  // torch.clamp's gradient
     at::Tensor dcell = dy;  // (n, H): the gradient of the cell's h
     if (w_hr) {
-      at::Tensor dproj_rows = dproj.narrow(0, row, n);
+      at::Tensor dproj_rows = rows_of(dproj, row, n);
       copy_rows(dproj_rows, dy);
-      dcell = dh_cell.narrow(0, 0, n);
+      dcell = rows_of(dh_cell, 0, n);
       (*projection)(dcell, dy, /*accumulate=*/false);
     }
-    at::Tensor dg = dgates.narrow(0, row, n);
-    Cell::backward(gates.narrow(0, row, n), c_prev.narrow(0, row, n), dcell, dc.narrow(0, 0, n), dg,
-                   w_hr ? h_cell.narrow(0, row, n) : at::Tensor(), clip);
+    at::Tensor dg = rows_of(dgates, row, n);
+    Cell::backward(rows_of(gates, row, n), rows_of(c_prev, row, n), dcell, rows_of(dc, 0, n), dg,
+                   w_hr ? rows_of(h_cell, row, n) : at::Tensor(), clip);
     recurrent(dy, dg, /*accumulate=*/false);  // dh_prev: (n, 4H) @ (4H, P), overwriting dy, consumed above
   }
   // The weight gradients: one product over all N rows each, in a fixed order.
