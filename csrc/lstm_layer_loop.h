@@ -183,8 +183,8 @@ LstmLayerForward lstm_layer_forward(const at::Tensor& gates_in, at::IntArrayRef 
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& bias,
                                     std::optional<double> cell_clip, std::optional<double> proj_clip, bool reverse,
                                     bool train, at::DeviceType device) {
-  // A kernel's own ATen calls (copies, products) skip autograd's view and version tracking, which made each
-  // narrowed view cost about a microsecond (the rows are now rows_of views): a step of a small layer takes a few.
+  // The loop's own ATen calls (products, clamps, fills) skip autograd's kernels: nothing in here is
+  // differentiated, and at a small layer's step of a few microseconds that tracking cost as much as the work.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [H, P] = check_lstm_layer_fwd_args(gates_in, batch_sizes, h0, c0, w_hh, w_hr, bias, cell_clip,
                                                 proj_clip, device);

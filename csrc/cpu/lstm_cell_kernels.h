@@ -34,8 +34,8 @@ static_assert(kColBlock % kStep == 0 && kBwdColBlock % kStep == 0, "a column blo
 
 // exp(x) and 1 / d inlined into the cell loops. Sleef's exp is an out-of-line call, which spills the cell's
 // live registers around each of its five calls; a vector division is slower than the reciprocal estimate plus
-// Newton steps (relative error about 2^-23 after them). Together: the (64, 4096) cell backward on one thread
-// went from 1.5 to 0.93-1.16 ms (AVX-512).
+// Newton steps (relative error about 2^-23 after them). Together, the (64, 4096) cell backward (AVX-512, builds
+// alternating): one thread 1.65-1.81 -> 0.94-1.28 ms, two threads 0.90-1.15 -> 0.57-0.69 ms.
 // exp(x) = 2^t with t = x log2(e) = n + f, n = floor(t): a degree-6 polynomial (fitted to 2^f on [0, 1) by
 // reweighted least squares, 1.4 ulp), times 2^n. Rounding t costs a relative error of about |t| 2^-24 in exp(x), which the cell's sigmoid and tanh
 // multiply by e / (1 + e)^2 <= e^-|x|. Measured over [-100, 100] (test_lstm_cell.py): sigmoid within 9e-8 and
@@ -86,8 +86,8 @@ inline Vec exp_scaled(const Vec& x, float k) { return (x * Vec(k)).exp(); }
 inline Vec cell_reciprocal(const Vec& d) { return Vec(1.f) / d; }
 #endif
 
-// The cell math on a Vec of units or on one float, same formulas for both. Five transcendentals per unit make
-// the cell compute-bound on a CPU, so all of them are one exp (above): tanh(x) = 1 - 2 / (exp(2x) + 1) is exact
+// The cell math on a Vec of units or on one float, same formulas for both. Five transcendentals per unit are
+// most of the cell's arithmetic, so all of them are one exp (above): tanh(x) = 1 - 2 / (exp(2x) + 1) is exact
 // at both saturations and its error is absolute (about 1e-7 near 0, where a relative one would be larger); the
 // fp32 tolerances of the tests, and what consumes h and c, are absolute at that scale.
 inline Vec sigmoid(const Vec& x) { return cell_reciprocal(Vec(1.f) + exp_scaled(x, -1.f)); }
